@@ -1,0 +1,130 @@
+"Trainer: exact resume, run-folder safety, checkpoint compatibility, bf16, and 2 processes through accelerate."
+import json, os, subprocess, sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sadm_lab.config import get_config
+from sadm_lab.core import CheckpointError, ConfigError, SadmError
+from sadm_lab.train import Trainer, RunDir, load_run
+
+FAST = ['eval.enabled=false', 'train.sample_every=0', 'sample.grid_size=4', 'sample.steps=2',
+        'train.log_every=2', 'train.ckpt_every=4']
+
+
+def _cfg(*over):
+    return get_config('smoke', FAST + list(over))
+
+
+def _snapshot(tr):
+    return {'model': {k: v.clone() for k, v in tr.unwrapped.state_dict().items()},
+            'ema': {k: v.clone() for k, v in tr.ema.state_dict().items()},
+            'opt': tr.opt.state_dict()}
+
+
+def test_resume_is_exact(tmp_path):
+    full = Trainer(_cfg('train.steps=10'), tmp_path / 'full', progress=False).fit()
+    part = Trainer(_cfg('train.steps=6'), tmp_path / 'part', progress=False).fit()
+    assert part.step == 6
+    resumed = Trainer(_cfg('train.steps=10'), tmp_path / 'part', resume=True, progress=False)
+    assert resumed.step == 6
+    resumed.fit()
+    a, b = _snapshot(full), _snapshot(resumed)
+    for k in a['model']: assert torch.equal(a['model'][k], b['model'][k]), k
+    for k in a['ema']: assert torch.equal(a['ema'][k], b['ema'][k]), k
+    for (ka, sa), (kb, sb) in zip(a['opt']['state'].items(), b['opt']['state'].items()):
+        for n in sa: assert torch.equal(torch.as_tensor(sa[n]), torch.as_tensor(sb[n])), (ka, n)
+    # the metrics log holds each training step once, in order, and the same losses as the uninterrupted run
+    la = [r for r in RunDir(tmp_path / 'full').read_metrics() if r['kind'] == 'train']
+    lb = [r for r in RunDir(tmp_path / 'part').read_metrics() if r['kind'] == 'train']
+    assert [r['step'] for r in lb] == [r['step'] for r in la] == [2, 4, 6, 8, 10]
+    assert [r['loss'] for r in lb] == [r['loss'] for r in la]
+
+
+def test_training_changes_weights_and_lowers_loss(tmp_path):
+    tr = Trainer(_cfg('train.steps=40', 'train.log_every=5', 'train.lr=2e-3'), tmp_path / 'r', progress=False)
+    w0 = {k: v.clone() for k, v in tr.unwrapped.state_dict().items()}
+    tr.fit()
+    changed = [k for k, v in tr.unwrapped.state_dict().items() if not torch.equal(v, w0[k])]
+    assert len(changed) > len(w0) // 2
+    losses = [r['loss'] for r in RunDir(tmp_path / 'r').read_metrics() if r['kind'] == 'train']
+    assert losses[-1] < losses[0]
+    files = sorted(p.name for p in (tmp_path / 'r').rglob('*') if p.is_file())
+    assert 'config.json' in files and 'metrics.jsonl' in files and 'latest.json' in files
+    assert not [f for f in files if f.endswith('.tmp')]
+    assert len(RunDir(tmp_path / 'r').checkpoints()) == 2          # keep_checkpoints
+
+
+def _listing(d):
+    return {p: p.stat().st_mtime_ns for p in Path(d).rglob('*')}
+
+
+def test_resume_with_another_config_is_refused_and_touches_nothing(tmp_path):
+    Trainer(_cfg('train.steps=4'), tmp_path / 'r', progress=False).fit()
+    before = _listing(tmp_path / 'r')
+    with pytest.raises(ConfigError, match=r"train.lr: saved 0.001, now 0.5"):
+        Trainer(_cfg('train.steps=8', 'train.lr=0.5'), tmp_path / 'r', resume=True, progress=False)
+    with pytest.raises(SadmError, match='already holds a run'):
+        Trainer(_cfg('train.steps=8'), tmp_path / 'r', resume=False, progress=False)
+    assert _listing(tmp_path / 'r') == before
+
+
+def test_refuses_foreign_folder_and_missing_run(tmp_path):
+    (tmp_path / 'x').mkdir(); (tmp_path / 'x' / 'notes.txt').write_text('mine')
+    with pytest.raises(SadmError, match='not a sadm_lab run folder'):
+        Trainer(_cfg(), tmp_path / 'x', progress=False)
+    with pytest.raises(SadmError, match='holds no run'):
+        Trainer(_cfg(), tmp_path / 'y', resume=True, progress=False)
+    assert (tmp_path / 'x' / 'notes.txt').read_text() == 'mine'
+
+
+def test_checkpoint_from_another_model_is_a_clear_error(tmp_path):
+    tr = Trainer(_cfg('train.steps=2'), tmp_path / 'a', progress=False).fit()
+    ck = RunDir(tmp_path / 'a').latest_checkpoint()
+    Trainer(_cfg('train.steps=2', 'model.hidden_size=96'), tmp_path / 'b', progress=False).fit()
+    with pytest.raises(CheckpointError, match='shape mismatches'):
+        load_run(tmp_path / 'b', checkpoint=ck)
+    (tmp_path / 'junk.pt').write_bytes(b'\x00garbage')
+    with pytest.raises(CheckpointError, match='cannot load checkpoint'):
+        load_run(tmp_path / 'a', checkpoint=tmp_path / 'junk.pt')
+    model, diffusion, cfg, data = load_run(tmp_path / 'a')
+    assert cfg.model.hidden_size == 64 and model.num_classes == 10
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    tr = Trainer(_cfg('train.steps=4', 'train.precision=bf16'), tmp_path / 'r', progress=False).fit()
+    losses = [r['loss'] for r in RunDir(tmp_path / 'r').read_metrics() if r['kind'] == 'train']
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(p.dtype == torch.float32 for p in tr.unwrapped.parameters())   # master weights stay fp32
+
+
+def test_request_stop_checkpoints_and_resumes(tmp_path):
+    from sadm_lab.train import Callback
+    class StopAt(Callback):
+        def on_step_end(self, trainer, logs):
+            if trainer.step == 3: trainer.request_stop()
+    tr = Trainer(_cfg('train.steps=8'), tmp_path / 'r', callbacks=[StopAt()], progress=False).fit()
+    assert tr.step == 3 and RunDir(tmp_path / 'r').latest_checkpoint().name == 'ckpt-0000003.pt'
+    assert Trainer(_cfg('train.steps=8'), tmp_path / 'r', resume=True, progress=False).fit().step == 8
+
+
+WORKER = Path(__file__).parent / 'ddp_worker.py'
+
+
+@pytest.mark.slow
+def test_two_processes_through_accelerate_hold_identical_weights(tmp_path):
+    env = {**os.environ, 'ACCELERATE_USE_CPU': '1', 'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', str(WORKER), str(tmp_path)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    # ranks rarely abort in destroy_process_group after all work is done: judge by the results they wrote
+    outs = [tmp_path / f'rank{r}.pt' for r in (0, 1)]
+    assert all(o.is_file() for o in outs), p.stdout[-3000:] + p.stderr[-3000:]
+    w0, w1 = (torch.load(o, weights_only=True) for o in outs)
+    assert w0['world_size'] == w1['world_size'] == 2
+    assert w0['step'] == w1['step'] == 6
+    for k in w0['model']: assert torch.equal(w0['model'][k], w1['model'][k]), k
+    assert any(not torch.equal(w0['model'][k], w0['init'][k]) for k in w0['model'])
+    start = [r for r in RunDir(tmp_path / 'run').read_metrics() if r.get('event') == 'start']
+    assert start and start[0]['processes'] == 2
