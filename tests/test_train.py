@@ -128,3 +128,11 @@ def test_two_processes_through_accelerate_hold_identical_weights(tmp_path):
     assert any(not torch.equal(w0['model'][k], w0['init'][k]) for k in w0['model'])
     start = [r for r in RunDir(tmp_path / 'run').read_metrics() if r.get('event') == 'start']
     assert start and start[0]['processes'] == 2
+
+
+def test_bad_data_leaves_no_run_folder(tmp_path):
+    from sadm_lab.core import DataError
+    empty = tmp_path / 'empty'; empty.mkdir()
+    with pytest.raises(DataError, match='empty'):
+        Trainer(_cfg('data.name=folder', f'data.root={empty}'), tmp_path / 'r', progress=False)
+    assert not (tmp_path / 'r').exists()
