@@ -9,7 +9,7 @@ cfg = config['DEFAULT']
 for key in 'version description keywords author author_email license min_python git_url lib_name'.split():
     assert key in cfg, f"settings.ini is missing '{key}'"
 
-licenses = {'apache2': ('Apache Software License 2.0', 'OSI Approved :: Apache Software License')}
+licenses = {'apache2': 'Apache-2.0'}   # SPDX expression (license classifiers are deprecated)
 statuses = ['1 - Planning', '2 - Pre-Alpha', '3 - Alpha', '4 - Beta', '5 - Production/Stable']
 py_versions = '3.9 3.10 3.11 3.12 3.13'.split()
 min_python = cfg['min_python']
@@ -20,10 +20,9 @@ def reqs(key): return shlex.split(cfg.get(key, ''))
 setuptools.setup(
     name=cfg['lib_name'].replace('_', '-'),
     version=cfg['version'],
-    license=lic[0],
+    license=lic,
     classifiers=['Development Status :: ' + statuses[int(cfg['status'])],
                  'Intended Audience :: ' + cfg['audience'].title(),
-                 'License :: ' + lic[1],
                  'Natural Language :: ' + cfg['language'].title()]
                 + ['Programming Language :: Python :: ' + v for v in py_versions
                    if Version(v) >= Version(min_python)],

@@ -136,3 +136,11 @@ def test_bad_data_leaves_no_run_folder(tmp_path):
     with pytest.raises(DataError, match='empty'):
         Trainer(_cfg('data.name=folder', f'data.root={empty}'), tmp_path / 'r', progress=False)
     assert not (tmp_path / 'r').exists()
+
+
+def test_trains_even_with_gradients_switched_off_globally(tmp_path):
+    with torch.no_grad():       # e.g. a notebook that called torch.set_grad_enabled(False) earlier
+        tr = Trainer(_cfg('train.steps=2'), tmp_path / 'r', progress=False)
+        w0 = {k: v.clone() for k, v in tr.unwrapped.state_dict().items()}
+        tr.fit()
+    assert any(not torch.equal(v, w0[k]) for k, v in tr.unwrapped.state_dict().items())
