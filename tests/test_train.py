@@ -9,7 +9,7 @@ from sadm_lab.config import get_config
 from sadm_lab.core import CheckpointError, ConfigError, SadmError
 from sadm_lab.train import Trainer, RunDir, load_run
 
-FAST = ['eval.enabled=false', 'train.sample_every=0', 'sample.grid_size=4', 'sample.steps=2',
+FAST = ['train.device=cpu', 'eval.enabled=false', 'train.sample_every=0', 'sample.grid_size=4', 'sample.steps=2',
         'train.log_every=2', 'train.ckpt_every=4']
 
 
@@ -83,7 +83,7 @@ def test_checkpoint_from_another_model_is_a_clear_error(tmp_path):
     tr = Trainer(_cfg('train.steps=2'), tmp_path / 'a', progress=False).fit()
     ck = RunDir(tmp_path / 'a').latest_checkpoint()
     Trainer(_cfg('train.steps=2', 'model.hidden_size=96'), tmp_path / 'b', progress=False).fit()
-    with pytest.raises(CheckpointError, match='shape mismatches'):
+    with pytest.raises(CheckpointError, match='model.hidden_size: checkpoint 64, run 96'):
         load_run(tmp_path / 'b', checkpoint=ck)
     (tmp_path / 'junk.pt').write_bytes(b'\x00garbage')
     with pytest.raises(CheckpointError, match='cannot load checkpoint'):
@@ -133,7 +133,7 @@ def test_two_processes_through_accelerate_hold_identical_weights(tmp_path):
 def test_bad_data_leaves_no_run_folder(tmp_path):
     from sadm_lab.core import DataError
     empty = tmp_path / 'empty'; empty.mkdir()
-    with pytest.raises(DataError, match='empty'):
+    with pytest.raises(DataError, match='no image files .* found in folder'):
         Trainer(_cfg('data.name=folder', f'data.root={empty}'), tmp_path / 'r', progress=False)
     assert not (tmp_path / 'r').exists()
 
@@ -144,3 +144,32 @@ def test_trains_even_with_gradients_switched_off_globally(tmp_path):
         w0 = {k: v.clone() for k, v in tr.unwrapped.state_dict().items()}
         tr.fit()
     assert any(not torch.equal(v, w0[k]) for k, v in tr.unwrapped.state_dict().items())
+
+
+def test_uvit_trains_and_loads(tmp_path):
+    tr = Trainer(_cfg('model.preset=UViT-T/2', 'model.hidden_size=64', 'model.depth=3', 'model.num_heads=2',
+                      'train.steps=3'), tmp_path / 'u', progress=False).fit()
+    assert tr.step == 3
+    model, *_ = load_run(tmp_path / 'u')
+    assert type(model).__name__ == 'UViT' and model.num_classes == 10
+
+
+def test_load_run_refuses_a_checkpoint_with_another_diffusion_setup(tmp_path):
+    Trainer(_cfg('train.steps=2'), tmp_path / 'a', progress=False).fit()
+    Trainer(_cfg('train.steps=2', 'diffusion.prediction=v'), tmp_path / 'b', progress=False).fit()
+    with pytest.raises(CheckpointError, match="diffusion.prediction: checkpoint 'eps', run 'v'"):
+        load_run(tmp_path / 'b', checkpoint=RunDir(tmp_path / 'a').latest_checkpoint())
+
+
+def test_eval_settings_fail_before_training(tmp_path):
+    with pytest.raises(ConfigError, match='eval.num_samples=900 is too large'):
+        Trainer(_cfg('eval.enabled=true', 'eval.num_samples=900'), tmp_path / 'r', progress=False)
+    assert not (tmp_path / 'r').exists()
+
+
+def test_model_settings_that_do_not_fit_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match='model.preset'):
+        get_config('smoke', ['model.preset=DiT-Q/2'])
+    with pytest.raises(ConfigError, match='model'):
+        Trainer(_cfg('model.num_heads=3'), tmp_path / 'r', progress=False)    # 64 wide, 3 heads
+    assert not (tmp_path / 'r').exists()
