@@ -173,3 +173,15 @@ def test_model_settings_that_do_not_fit_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match='model'):
         Trainer(_cfg('model.num_heads=3'), tmp_path / 'r', progress=False)    # 64 wide, 3 heads
     assert not (tmp_path / 'r').exists()
+
+
+def test_gradient_accumulation_uses_the_whole_batch(tmp_path, monkeypatch):
+    seen = []
+    import sadm_lab.train as T
+    orig = T.BatchStream.indices
+    def spy(self, step, micro=0):
+        idx = orig(self, step, micro); seen.append((step, micro, len(idx))); return idx
+    monkeypatch.setattr(T.BatchStream, 'indices', spy)
+    tr = Trainer(_cfg('train.steps=2', 'train.grad_accum=4'), tmp_path / 'r', progress=False).fit()
+    assert [s for s in seen if s[0] == 1] == [(1, m, 8) for m in range(4)]       # 4 micro-batches of 32 / 4
+    assert tr.step == 2
