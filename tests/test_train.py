@@ -185,3 +185,28 @@ def test_gradient_accumulation_uses_the_whole_batch(tmp_path, monkeypatch):
     tr = Trainer(_cfg('train.steps=2', 'train.grad_accum=4'), tmp_path / 'r', progress=False).fit()
     assert [s for s in seen if s[0] == 1] == [(1, m, 8) for m in range(4)]       # 4 micro-batches of 32 / 4
     assert tr.step == 2
+
+
+@pytest.mark.parametrize('mask', [['mask.strategy=patch', 'mask.ratio=0.75'],
+                                  ['mask.strategy=block', 'mask.ratio=0.5', 'mask.block_size=2'],
+                                  ['mask.strategy=crop', 'mask.crop_size=2']])
+def test_masked_training_drops_tokens_before_the_transformer(tmp_path, monkeypatch, mask):
+    import sadm_lab.diffusion as D
+    seen = []
+    orig = D.Diffusion.training_losses
+    def spy(self, model, x0, **kw):
+        seen.append(None if kw.get('keep_idx') is None else tuple(kw['keep_idx'].shape)); return orig(self, model, x0, **kw)
+    monkeypatch.setattr(D.Diffusion, 'training_losses', spy)
+    tr = Trainer(_cfg('train.steps=2', *mask), tmp_path / 'r', progress=False).fit()   # 8x8 digits, patch 2: 16 tokens
+    visible = {'patch': 4, 'block': 8, 'crop': 4}[mask[0].split('=')[1]]
+    assert seen == [(32, visible)] * 2
+    losses = [r['loss'] for r in RunDir(tmp_path / 'r').read_metrics() if r['kind'] == 'train']
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_bad_mask_settings_fail_before_training(tmp_path):
+    with pytest.raises(ConfigError, match='block'):
+        Trainer(_cfg('mask.strategy=block', 'mask.ratio=0.5', 'mask.block_size=3'), tmp_path / 'r', progress=False)
+    with pytest.raises(ConfigError, match='crop_size'):
+        get_config('smoke', ['mask.strategy=crop'])
+    assert not (tmp_path / 'r').exists()
