@@ -210,3 +210,41 @@ def test_bad_mask_settings_fail_before_training(tmp_path):
     with pytest.raises(ConfigError, match='crop_size'):
         get_config('smoke', ['mask.strategy=crop'])
     assert not (tmp_path / 'r').exists()
+
+
+TWO_STAGE = ['mask.strategy=patch', 'mask.ratio=0.5', 'mask.pretrain_steps=4', 'mask.finetune_lr=5e-4',
+             'mask.finetune_warmup_steps=2']
+
+
+@pytest.mark.parametrize('stop_at', [4, 6])
+def test_two_stage_schedule_resumes_exactly_across_the_switch(tmp_path, stop_at):
+    full = Trainer(_cfg('train.steps=8', *TWO_STAGE), tmp_path / 'full', progress=False).fit()
+    Trainer(_cfg(f'train.steps={stop_at}', *TWO_STAGE), tmp_path / 'part', progress=False).fit()
+    part = Trainer(_cfg('train.steps=8', *TWO_STAGE), tmp_path / 'part', resume=True, progress=False).fit()
+    a, b = _snapshot(full), _snapshot(part)
+    for k in a['model']: assert torch.equal(a['model'][k], b['model'][k]), k
+    for k in a['ema']: assert torch.equal(a['ema'][k], b['ema'][k]), k
+    recs = RunDir(tmp_path / 'part').read_metrics()
+    assert [r['step'] for r in recs if r.get('event') == 'stage'] == [4]          # the switch, logged once
+    train = [r for r in recs if r['kind'] == 'train']
+    assert [r['mask_ratio'] for r in train] == [0.5, 0.5, 0.0, 0.0]            # logged at steps 2, 4, 6, 8
+    assert [r['lr'] for r in train][2:] == [5e-4 * 2 / 2, 5e-4]                 # fine-tuning warm-up from the switch
+
+
+def test_mask_ratio_anneals_to_zero_at_the_switch(tmp_path):
+    tr = Trainer(_cfg('train.steps=2', 'mask.strategy=patch', 'mask.ratio=0.8', 'mask.pretrain_steps=10',
+                      'mask.anneal=linear'), tmp_path / 'r', progress=False)
+    assert [round(tr.mask_ratio_at(s), 6) for s in (0, 5, 10, 12)] == [0.8, 0.4, 0.0, 0.0]
+
+
+def test_init_from_another_run_and_a_plain_state_dict(tmp_path):
+    src = Trainer(_cfg('train.steps=3'), tmp_path / 'src', progress=False).fit()
+    tr = Trainer(_cfg('train.steps=1', f'train.init_from={tmp_path / "src"}'), tmp_path / 'dst', progress=False)
+    for k, v in src.unwrapped.state_dict().items(): assert torch.equal(tr.unwrapped.state_dict()[k], v), k
+    torch.save(src.unwrapped.state_dict(), tmp_path / 'plain.pt')                 # e.g. an official DiT release file
+    tr2 = Trainer(_cfg('train.steps=1', f'train.init_from={tmp_path / "plain.pt"}'), tmp_path / 'dst2', progress=False)
+    assert all(torch.equal(tr2.unwrapped.state_dict()[k], v) for k, v in src.unwrapped.state_dict().items())
+    with pytest.raises(CheckpointError, match='shape mismatches'):
+        Trainer(_cfg('train.steps=1', 'model.hidden_size=96', f'train.init_from={tmp_path / "src"}'), tmp_path / 'bad',
+                progress=False)
+    assert not (tmp_path / 'bad').exists()
