@@ -41,6 +41,8 @@ checks() {
   fi
   echo "== notebooks as tests (nbdev_test)"
   "$bin/nbdev_test" --n_workers 2 --do_print --timing
+  echo "== docs: everything nbdev does before the Quarto render (Quarto itself is not installable here)"
+  rm -rf _proc; "$bin/nbdev_proc_nbs" > /dev/null; rm -rf _proc
   echo "== pytest"
   "$bin/python" -m pytest -q -ra tests
 }
