@@ -337,7 +337,7 @@ def test_bf16_autocast_close_to_fp32(make):
 def test_presets_and_build_model():
     assert {'DiT-S/2', 'DiT-B/4', 'DiT-L/8', 'DiT-XL/2', 'DiT-T/2'} <= set(DiT_models)
     assert {'UViT-T/2', 'UViT-S/4', 'UViT-B/4', 'UViT-MaskDM-64'} <= set(UViT_models)
-    assert set(MODELS) == {'dit', 'uvit'}
+    assert set(MODELS) == {'dit', 'uvit', 'maskdit'}
     m = build_model('dit', 'DiT-T/4', input_size=16, in_channels=1, num_classes=0, learn_sigma=False)
     assert isinstance(m, DiT) and (m.hidden_size, m.depth, m.patch_size, m.out_channels) == (192, 6, 4, 1)
     assert isinstance(build_model('UViT-T/4', input_size=8, in_channels=1), UViT)
