@@ -248,3 +248,9 @@ def test_init_from_another_run_and_a_plain_state_dict(tmp_path):
         Trainer(_cfg('train.steps=1', 'model.hidden_size=96', f'train.init_from={tmp_path / "src"}'), tmp_path / 'bad',
                 progress=False)
     assert not (tmp_path / 'bad').exists()
+
+
+def test_resume_with_fewer_steps_than_done_is_refused(tmp_path):
+    Trainer(_cfg('train.steps=4'), tmp_path / 'r', progress=False).fit()
+    with pytest.raises(ConfigError, match='beyond train.steps=2'):
+        Trainer(_cfg('train.steps=2'), tmp_path / 'r', resume=True, progress=False)
