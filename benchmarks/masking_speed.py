@@ -55,12 +55,13 @@ and after is recorded. Use more --reps (or --threads 1) when the machine is busy
     python benchmarks/masking_speed.py --device cuda --models DiT-S/2,UViT-S/2,DiT-B/2 --batch 64 --steps 5 --bf16
 """
 from __future__ import annotations
-import argparse, json, os, platform, resource, statistics, subprocess, sys, time
+import argparse, json, os, platform, statistics, subprocess, sys, time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
+from _common import sync, rss_bytes, peak_rss_bytes   # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 from sadm_lab.models import build_model, family_of, flops_per_forward, count_params   # noqa: E402
 from sadm_lab.diffusion import Diffusion   # noqa: E402
 from sadm_lab.masking import STRATEGIES, make_mask, mask_to_keep_idx, token_grid, visible_count   # noqa: E402
@@ -70,11 +71,6 @@ TARGET = dict(model='DiT-S/2', ratio=0.9, speedup=4.0)   # the issue's target, o
 
 def build(preset: str, a) -> torch.nn.Module:
     return build_model(preset, input_size=a.input_size, in_channels=a.channels, num_classes=a.num_classes)
-
-
-def sync(device):
-    if device.type == 'cuda': torch.cuda.synchronize(device)
-    elif device.type == 'mps': torch.mps.synchronize()
 
 
 class Bench:
@@ -128,26 +124,6 @@ class Bench:
 
 
 # ---- CPU peak memory: one fresh subprocess per (model, ratio) ----
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith(field + ':'): return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-def rss_bytes() -> int:
-    kb = _proc_status_kb('VmRSS')
-    return kb * 1024 if kb is not None else peak_rss_bytes()
-
-def peak_rss_bytes() -> int:
-    kb = _proc_status_kb('VmHWM')
-    if kb is not None: return kb * 1024
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == 'darwin' else r * 1024
-
-
 def memory_probe(a):
     "Subprocess entry: build one model, run two steps at one ratio (the second has AdamW state), print the peak RSS growth."
     preset, ratio = a._probe[0], float(a._probe[1])

@@ -18,13 +18,14 @@ imports (so it covers weights, gradients, optimizer state and activations; alloc
     python benchmarks/throughput.py --presets DiT-S/2 --input-size 32 --batch 16 --bf16
 """
 from __future__ import annotations
-import argparse, importlib, json, platform, resource, statistics, subprocess, sys, time
+import argparse, importlib, json, platform, statistics, subprocess, sys, time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
+from _common import sync, rss_bytes, peak_rss_bytes   # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 from sadm_lab.models import DiT_models, flops_per_forward, count_params   # noqa: E402
 
 
@@ -59,10 +60,6 @@ def make_step(model, impl: str, a, device):
     return step
 
 
-def sync(device):
-    if device.type == 'cuda': torch.cuda.synchronize()
-
-
 def time_steps(step, n, device) -> float:
     sync(device); t0 = time.perf_counter()
     for _ in range(n): step()
@@ -80,28 +77,6 @@ def matmul_peak(device, bf16: bool, n: int = 2048, reps: int = 5) -> float:
         sync(device); t0 = time.perf_counter(); A @ B; sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
-
-
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith(field + ':'): return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-def rss_bytes() -> int:
-    "Current resident set size (Linux /proc; elsewhere the peak, which is all `resource` offers)."
-    kb = _proc_status_kb('VmRSS')
-    return kb * 1024 if kb is not None else peak_rss_bytes()
-
-def peak_rss_bytes() -> int:
-    "Peak resident set size of this process image. VmHWM is reset by exec; ru_maxrss is not (it keeps the parent's)."
-    kb = _proc_status_kb('VmHWM')
-    if kb is not None: return kb * 1024
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == 'darwin' else r * 1024
 
 
 def memory_probe(a):
