@@ -33,3 +33,14 @@ def peak_rss_bytes() -> int:
     if kb is not None: return kb * 1024
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == 'darwin' else r * 1024
+
+
+def run_memory_probe(cmd: list, what: str) -> int | None:
+    "Run a probe subprocess that prints {'peak_bytes': ...} as its last line; None (with a note) if it fails."
+    import json, subprocess
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
+        return json.loads(out.strip().splitlines()[-1])['peak_bytes']
+    except Exception as e:
+        print(f'memory probe failed for {what}: {e}', file=sys.stderr)
+        return None

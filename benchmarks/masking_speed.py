@@ -55,13 +55,13 @@ and after is recorded. Use more --reps (or --threads 1) when the machine is busy
     python benchmarks/masking_speed.py --device cuda --models DiT-S/2,UViT-S/2,DiT-B/2 --batch 64 --steps 5 --bf16
 """
 from __future__ import annotations
-import argparse, json, os, platform, statistics, subprocess, sys, time
+import argparse, json, os, platform, statistics, sys, time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
-from _common import sync, rss_bytes, peak_rss_bytes   # noqa: E402  (benchmarks/ is on sys.path as the script dir)
+from _common import sync, rss_bytes, peak_rss_bytes, run_memory_probe   # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 from sadm_lab.models import build_model, family_of, flops_per_forward, count_params   # noqa: E402
 from sadm_lab.diffusion import Diffusion   # noqa: E402
 from sadm_lab.masking import STRATEGIES, make_mask, mask_to_keep_idx, token_grid, visible_count   # noqa: E402
@@ -138,12 +138,7 @@ def cpu_peak_memory(preset: str, ratio: float, a) -> int | None:
            '--channels', str(a.channels), '--num-classes', str(a.num_classes), '--strategy', a.strategy,
            '--block-size', str(a.block_size), '--threads', str(torch.get_num_threads())]
     if a.bf16: cmd.append('--bf16')
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
-        return json.loads(out.strip().splitlines()[-1])['peak_bytes']
-    except Exception as e:
-        print(f'memory probe failed for {preset} at ratio {ratio}: {e}', file=sys.stderr)
-        return None
+    return run_memory_probe(cmd, f'{preset} at ratio {ratio}')
 
 
 def cuda_peak_memory(preset: str, ratios, a, device) -> dict:

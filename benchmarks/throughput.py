@@ -18,14 +18,14 @@ imports (so it covers weights, gradients, optimizer state and activations; alloc
     python benchmarks/throughput.py --presets DiT-S/2 --input-size 32 --batch 16 --bf16
 """
 from __future__ import annotations
-import argparse, importlib, json, platform, statistics, subprocess, sys, time
+import argparse, importlib, json, platform, statistics, sys, time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
-from _common import sync, rss_bytes, peak_rss_bytes   # noqa: E402  (benchmarks/ is on sys.path as the script dir)
+from _common import sync, rss_bytes, peak_rss_bytes, run_memory_probe   # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 from sadm_lab.models import DiT_models, flops_per_forward, count_params   # noqa: E402
 
 
@@ -94,12 +94,7 @@ def cpu_peak_memory(impl, preset, a) -> int | None:
     cmd = [sys.executable, __file__, '--_probe', impl, preset, '--batch', str(a.batch), '--input-size', str(a.input_size),
            '--channels', str(a.channels), '--num-classes', str(a.num_classes), '--threads', str(torch.get_num_threads())]
     if a.bf16: cmd.append('--bf16')
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
-        return json.loads(out.strip().splitlines()[-1])['peak_bytes']
-    except Exception as e:
-        print(f'memory probe failed for {impl} {preset}: {e}', file=sys.stderr)
-        return None
+    return run_memory_probe(cmd, f'{impl} {preset}')
 
 
 def bench_preset(preset, a, device, peak):
