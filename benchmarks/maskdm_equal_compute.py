@@ -1,20 +1,36 @@
 #!/usr/bin/env python
 """Does MaskDM's masked pre-training pay off at equal compute? From-scratch training against masked pre-training +
-unmasked fine-tuning with the same training FLOPs budget, over several seeds, on the same data and model.
+unmasked fine-tuning with the same budget, over several seeds, with the same model and the same target data.
 
-Arms (both start from the same seeded initialisation):
-  scratch  `--base` preset trained for S steps, no masking;
-  maskdm   masked pre-training (`--strategy`, `--ratio`) for P steps, then unmasked fine-tuning for F steps, with
-           P * c + F = S, where c = (training FLOPs of a masked step) / (of an unmasked step) from
-           `sadm_lab.models.flops_per_forward` at the visible-token count; `--pretrain-frac` of the budget goes to
-           pre-training. Fine-tuning starts with a fresh AdamW state and EMA (MaskDM fine-tunes a copy of the weights).
-FID (classifier features, with its real-vs-real floor) is measured at `--evals` points during each run; the script
-writes FID against training FLOPs and against measured wall-clock, and a table of the final FID (mean ± std over
-seeds). Equal FLOPs is the controlled comparison; wall-clock is measured beside it (it also depends on how well small
-matmuls run on the device). Results are what they are: the script makes no claim either way.
+The budget is S unmasked training steps of `--base`. A masked step costs c of an unmasked one, where c is
+  --match flops  (default) training FLOPs of a masked step / of an unmasked one (`sadm_lab.models.flops_per_forward`
+                 at the visible-token count): the controlled comparison, independent of the machine;
+  --match time   the measured time of a masked training step / of an unmasked one (interleaved repetitions on this
+                 machine, before the runs): equal wall-clock.
+Pre-training gets `--pretrain-frac` of the budget, P = frac * S / c masked steps, and fine-tuning the rest,
+F = S - frac * S unmasked steps, so P * c + F = S. Fine-tuning starts with a fresh AdamW state and EMA and its own
+warm-up (MaskDM fine-tunes a copy of the pre-trained weights).
 
-    python benchmarks/maskdm_equal_compute.py                         # digits, 3 seeds, ~20 min on 2 CPU cores
-    python benchmarks/maskdm_equal_compute.py --steps 2000 --seeds 0 1 2 3 4 --ratio 0.9
+Settings and their arms (every arm of a seed starts from the same seeded initialisation):
+  --setting same      on the base data:
+      scratch            S unmasked steps;
+      maskdm             one two-stage run: P masked steps, then F unmasked steps (`mask.pretrain_steps`).
+  --setting transfer  MaskDM's small-data case: the target is `--target-images` images of the base data (default 300)
+                      and `--source` (default fashion-mnist, resized to the target's resolution) is a larger dataset:
+      scratch            S unmasked steps on the target;
+      maskdm             two stages, both on the target;
+      transfer           P masked steps on the source, then F unmasked steps on the target (`train.init_from`);
+      transfer-unmasked  the control: frac * S unmasked steps on the source, then F on the target. Transfer beating
+                         this control is evidence for masking; beating only scratch could be the extra data alone.
+FID (classifier features, 400 samples against the whole training split of the target dataset, with its
+real-vs-real floor) is measured at `--evals` points of every run on the target, and the memorisation check
+(nearest-training-image distance ratio) beside it. Written to `--out`: summary.json, summary.md (table of the final
+FID, mean ± std over seeds), fid_vs_flops.png and fid_vs_time.png (training time, evaluations excluded).
+Results are what they are: the script makes no claim either way.
+
+    python benchmarks/maskdm_equal_compute.py                                   # digits, 3 seeds, ~15 min (2 cores)
+    python benchmarks/maskdm_equal_compute.py --setting transfer                # needs Fashion-MNIST on disk
+    python benchmarks/maskdm_equal_compute.py --steps 1000 --match time --ratio 0.9 --seeds 0 1 2 3 4
 """
 from __future__ import annotations
 import argparse, json, statistics, sys, time
@@ -27,91 +43,178 @@ from sadm_lab.masking import visible_count  # noqa: E402
 from sadm_lab.models import flops_per_forward  # noqa: E402
 from sadm_lab.train import Trainer, RunDir  # noqa: E402
 
+ARMS = {'same': ('scratch', 'maskdm'), 'transfer': ('scratch', 'maskdm', 'transfer', 'transfer-unmasked')}
+LABELS = {'scratch': 'from scratch', 'maskdm': 'masked pre-training + fine-tuning',
+          'transfer': 'masked pre-training on the source + fine-tuning',
+          'transfer-unmasked': 'unmasked pre-training on the source + fine-tuning (control)'}
 
-def masked_cost_ratio(tr: Trainer, strategy: str, ratio: float, block_size: int) -> tuple[float, int]:
-    "Training FLOPs of a masked step relative to an unmasked one, and the visible-token count."
+
+def masked_flops_ratio(tr: Trainer, a) -> tuple[float, int, int]:
+    "Training FLOPs of a masked step relative to an unmasked one, the visible-token count and the token count."
     net = tr.unwrapped
     g = net.input_size // net.patch_size
-    n_vis = visible_count(strategy, (g, g), ratio=ratio, block_size=block_size)
-    return flops_per_forward(net, num_tokens=n_vis) / flops_per_forward(net), n_vis
+    n_vis = visible_count(a.strategy, (g, g), ratio=a.ratio, block_size=a.block_size)
+    return flops_per_forward(net, num_tokens=n_vis) / flops_per_forward(net), n_vis, g * g
 
 
-def run_arm(name, seed, overrides, out, progress):
-    cfg = get_config(ARGS.base, [f'name={name}-s{seed}', f'train.seed={seed}', *COMMON, *overrides])
-    t0 = time.time()
-    tr = Trainer(cfg, out / f'{name}-s{seed}', progress=progress).fit()
+def masked_time_ratio(base_overrides, a, out, reps=5, steps=4) -> tuple[float, float, float]:
+    "Measured seconds per masked / unmasked training step (median of interleaved repetitions, after warm-up)."
+    trs = {}
+    for masked in (False, True):
+        m = [f'mask.strategy={a.strategy}', f'mask.ratio={a.ratio}', f'mask.block_size={a.block_size}'] if masked else []
+        trs[masked] = Trainer(get_config(a.base, [*base_overrides, 'train.steps=100000', 'eval.enabled=false', *m]),
+                              out / f'_probe-{"masked" if masked else "unmasked"}', progress=False)
+        for _ in range(2): trs[masked].train_step()                      # warm-up
+    times = {False: [], True: []}
+    for _ in range(reps):
+        for masked, tr in trs.items():
+            t0 = time.perf_counter()
+            for _ in range(steps): tr.train_step()
+            times[masked].append((time.perf_counter() - t0) / steps)
+    t_u, t_m = statistics.median(times[False]), statistics.median(times[True])
+    return t_m / t_u, t_m, t_u
+
+
+def _fit(cfg, run_dir, progress, evaluate: bool):
+    "Train one run; the time to build the FID evaluator (a cached feature network) is kept out of its training time."
+    tr = Trainer(cfg, run_dir, progress=progress)
+    if evaluate: tr.evaluator()
+    t0 = time.perf_counter()
+    tr.fit()
     recs = RunDir(tr.run.path).read_metrics()
-    evals = [r for r in recs if r['kind'] == 'eval']
     start = next(r['time'] for r in recs if r.get('event') == 'start')
-    return {'arm': name, 'seed': seed, 'wall_s': time.time() - t0, 'evals': evals, 'start': start, 'run': str(tr.run.path)}
+    evals, spent = [], 0.0
+    for r in recs:
+        if r['kind'] == 'eval':
+            spent += r['seconds']
+            evals.append(dict(r, train_s=r['time'] - start - spent))     # wall-clock since start minus evaluations
+    return {'run': str(tr.run.path), 'evals': evals, 'wall_s': time.perf_counter() - t0, 'train_s': (time.perf_counter() - t0) - spent}
+
+
+def run_arm(arm, seed, plan, a, out):
+    "Train `arm` for `seed`; return its FID curve as (FLOPs in unmasked-step units, training seconds, eval record)."
+    S, P, F, c_flops = plan['S'], plan['P'], plan['F'], plan['c_flops']
+    base = [f'train.seed={seed}', *plan['common'], *plan['target']]
+    mask = [f'mask.strategy={a.strategy}', f'mask.ratio={a.ratio}', f'mask.block_size={a.block_size}']
+    name = f'{arm}-s{seed}'
+    if arm == 'scratch':
+        r = _fit(get_config(a.base, [f'name={name}', *base, f'train.steps={S}', f'train.eval_every={max(1, S // a.evals)}']),
+                 out / name, a.progress, True)
+        pts = [(e['step'], e['train_s'], e) for e in r['evals']]
+        return r | {'points': pts, 'updates': S}
+    if arm == 'maskdm':
+        r = _fit(get_config(a.base, [f'name={name}', *base, *mask, f'train.steps={P + F}', f'mask.pretrain_steps={P}',
+                                     f'mask.finetune_warmup_steps={a.finetune_warmup}',
+                                     f'train.eval_every={max(1, (P + F) // a.evals)}']), out / name, a.progress, True)
+        pts = [(min(e['step'], P) * c_flops + max(0, e['step'] - P), e['train_s'], e) for e in r['evals']]
+        return r | {'points': pts, 'updates': P + F}
+    # transfer arms: a pre-training run on the source, then a fine-tuning run on the target initialised from it
+    masked = arm == 'transfer'
+    Q = P if masked else S - F
+    pre = _fit(get_config(a.base, [f'name={name}-pretrain', f'train.seed={seed}', *plan['common'], *plan['source'],
+                                   *(mask if masked else []), f'train.steps={Q}', 'eval.enabled=false']),
+               out / f'{name}-pretrain', a.progress, False)
+    ft = _fit(get_config(a.base, [f'name={name}', *base, f'train.steps={F}', f'train.init_from={pre["run"]}',
+                                  f'train.warmup_steps={a.finetune_warmup}', f'train.eval_every={max(1, F // a.evals)}']),
+              out / name, a.progress, True)
+    q_flops = Q * (c_flops if masked else 1.0)
+    pts = [(q_flops + e['step'], pre['train_s'] + e['train_s'], e) for e in ft['evals']]
+    return ft | {'points': pts, 'updates': Q + F, 'pretrain_s': pre['train_s'], 'wall_s': pre['wall_s'] + ft['wall_s'],
+                 'train_s': pre['train_s'] + ft['train_s']}
 
 
 def main(argv=None):
-    global ARGS, COMMON
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--base', default='digits-dit', help='preset both arms start from')
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog='\n'.join(__doc__.split('\n')[1:]))
+    p.add_argument('--setting', choices=tuple(ARMS), default='same')
+    p.add_argument('--arms', nargs='+', help='a subset of the setting\'s arms (default: all)')
+    p.add_argument('--base', default='digits-dit', help='preset every arm starts from (its data is the target)')
     p.add_argument('--steps', type=int, default=500, help='budget S in unmasked-step equivalents')
+    p.add_argument('--match', choices=('flops', 'time'), default='flops', help='what the masked step cost c measures')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    p.add_argument('--strategy', default='patch'); p.add_argument('--ratio', type=float, default=0.75)
+    p.add_argument('--strategy', default='patch', choices=('patch', 'block', 'crop'))
+    p.add_argument('--ratio', type=float, default=0.75)
     p.add_argument('--block-size', type=int, default=2)
-    p.add_argument('--pretrain-frac', type=float, default=0.5, help='share of the FLOPs budget spent pre-training')
+    p.add_argument('--pretrain-frac', type=float, default=0.5, help='share of the budget spent pre-training')
     p.add_argument('--finetune-warmup', type=int, default=25, help='warm-up steps when fine-tuning starts')
-    p.add_argument('--evals', type=int, default=4, help='FID points per run')
+    p.add_argument('--target-images', type=int, help='train on this many target images (transfer default: 300)')
+    p.add_argument('--source', default='fashion-mnist', help='transfer: the dataset pre-trained on')
+    p.add_argument('--source-root', help='transfer: folder of the source data (default: the loader\'s own search)')
+    p.add_argument('--evals', type=int, default=4, help='FID points per run on the target')
     p.add_argument('--eval-samples', type=int, default=400)
     p.add_argument('--out', default='runs/equal-compute')
     p.add_argument('--progress', action='store_true')
-    p.add_argument('overrides', nargs='*', help='extra key=value for both arms')
-    ARGS = a = p.parse_args(argv)
+    p.add_argument('overrides', nargs='*', help='extra key=value for every run')
+    a = p.parse_args(argv)
+    if not 0 < a.pretrain_frac < 1: p.error('--pretrain-frac must be in (0, 1)')
+    arms = a.arms or ARMS[a.setting]
+    if bad := [x for x in arms if x not in ARMS[a.setting]]: p.error(f'arms {bad} are not in setting {a.setting!r}: {ARMS[a.setting]}')
+    if a.setting == 'transfer' and a.target_images is None: a.target_images = 300
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    common = ['train.sample_every=0', f'eval.num_samples={a.eval_samples}', 'train.ckpt_every=100000', *a.overrides]
+    target = [f'data.max_images={a.target_images}'] if a.target_images else []
+    probe = Trainer(get_config(a.base, [*common, *target, 'train.steps=1', 'eval.enabled=false']), out / '_probe', progress=False)
+    res, ch = probe.data.resolution, probe.data.channels
+    source = [f'data.name={a.source}', f'data.resolution={res}', f'data.channels={ch}', 'data.max_images=none',
+              *([f'data.root={a.source_root}'] if a.source_root else [])]
+    c_flops, n_vis, n_tok = masked_flops_ratio(probe, a)
+    timing = masked_time_ratio([*common, *target], a, out) if a.match == 'time' else None
+    c = timing[0] if timing else c_flops
     S = a.steps
-    probe = Trainer(get_config(a.base, ['train.steps=1', 'eval.enabled=false']), out / '_probe', progress=False)
-    c, n_vis = masked_cost_ratio(probe, a.strategy, a.ratio, a.block_size)
-    P = round(a.pretrain_frac * S / c); F = S - round(a.pretrain_frac * S)
-    every_s, every_m = max(1, S // a.evals), max(1, (P + F) // a.evals)
-    COMMON = ['train.sample_every=0', f'eval.num_samples={a.eval_samples}', 'train.ckpt_every=100000', *a.overrides]
-    print(f"budget {S} unmasked steps; masked step costs {c:.3f} of an unmasked one ({n_vis} visible tokens): "
-          f"maskdm = {P} masked + {F} unmasked steps", flush=True)
+    P, F = round(a.pretrain_frac * S / c), S - round(a.pretrain_frac * S)
+    plan = dict(S=S, P=P, F=F, c_flops=c_flops, common=common, target=target, source=source)
+    print(f"budget {S} unmasked steps; a masked step ({n_vis} of {n_tok} tokens visible) costs {c_flops:.3f} of an unmasked one in FLOPs"
+          + (f", {timing[0]:.3f} in measured time ({1e3 * timing[1]:.0f} vs {1e3 * timing[2]:.0f} ms/step)" if timing else '')
+          + f"; matched by {a.match}: pre-training {P} masked + fine-tuning {F} unmasked steps", flush=True)
     results = []
     for seed in a.seeds:
-        results.append(run_arm('scratch', seed, [f'train.steps={S}', f'train.eval_every={every_s}'], out, a.progress))
-        results.append(run_arm('maskdm', seed, [f'train.steps={P + F}', f'train.eval_every={every_m}',
-                                                f'mask.strategy={a.strategy}', f'mask.ratio={a.ratio}',
-                                                f'mask.block_size={a.block_size}', f'mask.pretrain_steps={P}',
-                                                f'mask.finetune_warmup_steps={a.finetune_warmup}'],
-                               out, a.progress))
-        print(f"seed {seed}: " + ', '.join(f"{r['arm']} FID {r['evals'][-1]['fid']:.2f} in {r['wall_s']:.0f}s"
-                                         for r in results[-2:]), flush=True)
+        for arm in arms:
+            r = run_arm(arm, seed, plan, a, out)
+            results.append(r | {'arm': arm, 'seed': seed})
+        print(f"seed {seed}: " + ', '.join(f"{r['arm']} FID {r['evals'][-1]['fid']:.2f} ({r['train_s']:.0f}s)"
+                                         for r in results[-len(arms):]), flush=True)
 
-    def flops_at(arm, step):   # training FLOPs in unmasked-step units
-        return step if arm == 'scratch' else min(step, P) * c + max(0, step - P)
-
-    summary = {'config': vars(a), 'cost_ratio': c, 'visible_tokens': n_vis, 'pretrain_steps': P, 'finetune_steps': F,
+    summary = {'config': vars(a), 'cost_ratio_flops': c_flops, 'cost_ratio_time': timing[0] if timing else None,
+               'step_ms': {'masked': 1e3 * timing[1], 'unmasked': 1e3 * timing[2]} if timing else None,
+               'visible_tokens': n_vis, 'pretrain_steps': P, 'finetune_steps': F,
                'floor': results[0]['evals'][-1]['fid_floor'], 'arms': {}}
-    for arm in ('scratch', 'maskdm'):
+    for arm in arms:
         rs = [r for r in results if r['arm'] == arm]
         fids = [r['evals'][-1]['fid'] for r in rs]
+        nn = [r['evals'][-1].get('nn_ratio') for r in rs]
         summary['arms'][arm] = {
             'final_fid_mean': statistics.mean(fids), 'final_fid_std': statistics.stdev(fids) if len(fids) > 1 else 0.0,
-            'final_fids': fids, 'wall_s_mean': statistics.mean(r['wall_s'] for r in rs),
-            'curves': [[(flops_at(arm, e['step']), e['time'] - r['start'], e['fid']) for e in r['evals']]
-                       for r in rs]}
+            'final_fids': fids, 'nn_ratio_mean': statistics.mean(nn) if None not in nn else None,
+            'train_s_mean': statistics.mean(r['train_s'] for r in rs), 'updates': rs[0]['updates'],
+            'curves': [[(x, t, e['fid']) for x, t, e in r['points']] for r in rs], 'runs': [r['run'] for r in rs]}
     atomic_write_json(out / 'summary.json', summary)
     _plots(summary, out)
-    s, m = summary['arms']['scratch'], summary['arms']['maskdm']
-    md = [f"# MaskDM at equal compute ({a.base}, {len(a.seeds)} seeds)", '',
-          f"Budget: {S} unmasked training steps. MaskDM arm: {P} steps with {a.strategy} masking at ratio {a.ratio} "
-          f"({n_vis} visible tokens, {c:.3f} of the FLOPs of an unmasked step), then {F} unmasked fine-tuning steps.", '',
-          '| arm | final FID (mean ± std) | per seed | wall-clock (s) |', '|---|---|---|---|',
-          f"| from scratch | {s['final_fid_mean']:.2f} ± {s['final_fid_std']:.2f} | "
-          f"{', '.join(f'{x:.2f}' for x in s['final_fids'])} | {s['wall_s_mean']:.0f} |",
-          f"| masked pre-training + fine-tuning | {m['final_fid_mean']:.2f} ± {m['final_fid_std']:.2f} | "
-          f"{', '.join(f'{x:.2f}' for x in m['final_fids'])} | {m['wall_s_mean']:.0f} |", '',
-          f"Real-vs-real floor of the same protocol: {summary['floor']:.2f}.", '',
-          '![FID vs FLOPs](fid_vs_flops.png) ![FID vs time](fid_vs_time.png)', '']
-    atomic_write_text(out / 'summary.md', '\n'.join(md))
-    print('\n'.join(md[4:8]))
+    md = _markdown(summary, a)
+    atomic_write_text(out / 'summary.md', md)
+    print(md)
     print(json.dumps({k: v for k, v in summary.items() if k != 'arms'} |
-                     {arm: {k: v for k, v in d.items() if k != 'curves'} for arm, d in summary['arms'].items()}))
+                     {arm: {k: v for k, v in d.items() if k not in ('curves', 'runs')} for arm, d in summary['arms'].items()}))
+
+
+def _markdown(s, a) -> str:
+    P, F = s['pretrain_steps'], s['finetune_steps']
+    data = f"{a.target_images} images of `{a.base}`'s data" if a.target_images else f"`{a.base}`'s data"
+    lines = [f"# MaskDM at equal compute: setting `{a.setting}`, {len(a.seeds)} seeds", '',
+             f"Target: {data}. Budget: {a.steps} unmasked training steps, matched by {a.match}. Pre-training: {P} steps "
+             f"with {a.strategy} masking at ratio {a.ratio} ({s['visible_tokens']} visible tokens; a masked step costs "
+             f"{s['cost_ratio_flops']:.3f} of an unmasked one in FLOPs"
+             + (f", {s['cost_ratio_time']:.3f} in measured time" if s['cost_ratio_time'] else '') + f"), then {F} "
+             f"unmasked fine-tuning steps." + (f" Source for the transfer arms: `{a.source}`." if a.setting == 'transfer' else ''),
+             '', '| arm | final FID (mean ± std) | per seed | NN ratio | optimiser updates | training time (s) |',
+             '|---|---|---|---|---|---|']
+    for arm, d in s['arms'].items():
+        nn = f"{d['nn_ratio_mean']:.2f}" if d['nn_ratio_mean'] is not None else '–'
+        lines.append(f"| {LABELS[arm]} | {d['final_fid_mean']:.2f} ± {d['final_fid_std']:.2f} | "
+                     f"{', '.join(f'{x:.2f}' for x in d['final_fids'])} | {nn} | {d['updates']} | {d['train_s_mean']:.0f} |")
+    lines += ['', f"Real-vs-real floor of the same protocol: {s['floor']:.2f}. NN ratio: median distance of a sample to "
+              "its nearest training image over that of held-out real images (about 1 = fresh, near 0 = copies).", '',
+              '![FID vs FLOPs](fid_vs_flops.png) ![FID vs time](fid_vs_time.png)', '']
+    return '\n'.join(lines)
 
 
 def _plots(summary, out):
@@ -119,12 +222,12 @@ def _plots(summary, out):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     for idx, (fname, xlabel) in enumerate([('fid_vs_flops.png', 'training FLOPs (unmasked-step units)'),
-                                            ('fid_vs_time.png', 'wall-clock since start, evaluations included (s)')]):
-        fig, ax = plt.subplots(figsize=(4.5, 3), dpi=80)
-        for arm, color in (('scratch', 'C0'), ('maskdm', 'C1')):
-            for i, curve in enumerate(summary['arms'][arm]['curves']):
-                xs = [pt[idx] for pt in curve]; ys = [pt[2] for pt in curve]
-                ax.plot(xs, ys, 'o-', color=color, alpha=0.7, label=arm if i == 0 else None)
+                                            ('fid_vs_time.png', 'training time, evaluations excluded (s)')]):
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=80)
+        for k, (arm, d) in enumerate(summary['arms'].items()):
+            for i, curve in enumerate(d['curves']):
+                ax.plot([pt[idx] for pt in curve], [pt[2] for pt in curve], 'o-', color=f'C{k}', alpha=0.7, ms=3,
+                        label=arm if i == 0 else None)
         ax.axhline(summary['floor'], ls='--', color='gray', label='real-vs-real floor')
         ax.set_xlabel(xlabel); ax.set_ylabel('FID'); ax.set_yscale('log'); ax.legend(fontsize=7); ax.grid(alpha=0.3)
         fig.tight_layout(); fig.savefig(out / fname); plt.close(fig)

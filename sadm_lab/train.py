@@ -21,9 +21,9 @@ from .sample import generate
 from .viz import save_image_grid
 
 # %% auto #0
-__all__ = ['build_data', 'build_network', 'build_diffusion', 'EMA', 'lr_at', 'BatchStream', 'step_generator', 'Callback',
-           'RunDir', 'check_state_dict', 'load_weights', 'read_weights', 'make_evaluator', 'check_eval_settings',
-           'Trainer', 'load_run']
+__all__ = ['build_data', 'build_reference_data', 'build_network', 'build_diffusion', 'EMA', 'lr_at', 'BatchStream',
+           'step_generator', 'Callback', 'RunDir', 'check_state_dict', 'load_weights', 'read_weights', 'make_evaluator',
+           'check_eval_settings', 'Trainer', 'load_run']
 
 # %% ../nbs/api/06_train.ipynb #5cae7f52
 def build_data(cfg: RunConfig, split: str = 'train') -> ImageData:
@@ -31,6 +31,12 @@ def build_data(cfg: RunConfig, split: str = 'train') -> ImageData:
     d = cfg.data
     return load_data(d.name, root=d.root, resolution=d.resolution, channels=d.channels,
                      max_images=d.max_images if split == 'train' else None, split=split, download=d.download)
+
+def build_reference_data(cfg: RunConfig) -> ImageData:
+    """The real images FID compares with: the dataset's whole training split. `data.max_images` caps what a run
+    trains on (a small-data or transfer experiment), not the distribution its samples are judged against."""
+    d = cfg.data
+    return load_data(d.name, root=d.root, resolution=d.resolution, channels=d.channels, split='train', download=d.download)
 
 def build_network(cfg: RunConfig, data: ImageData) -> nn.Module:
     "The network for `cfg.model`, sized for `data` (resolution, channels, classes)."
@@ -269,6 +275,8 @@ class Trainer:
         self._prepare_run_dir(resume)
         with self.acc.main_process_first():       # one process downloads/prepares data, the others then read it
             self.data = data if data is not None else build_data(cfg)
+            self.eval_data = (build_reference_data(cfg) if data is None and cfg.data.max_images is not None
+                              and cfg.eval.enabled else self.data)   # FID's reference set (see `build_reference_data`)
         if len(self.data) < 2: raise SadmError(f"dataset {cfg.data.name!r} has {len(self.data)} images; need at least 2")
         torch.manual_seed(tc.seed)                 # the initial weights depend on the seed only
         net = build_network(cfg, self.data)
@@ -285,7 +293,7 @@ class Trainer:
                                   world_size=self.acc.num_processes, grad_accum=tc.grad_accum)
         self._stop = False
         self._evaluator = None
-        if cfg.eval.enabled: check_eval_settings(self.data, features=cfg.eval.features, n=cfg.eval.num_samples)
+        if cfg.eval.enabled: check_eval_settings(self.eval_data, features=cfg.eval.features, n=cfg.eval.num_samples)
         self.draw_keep_idx(2, torch.Generator(device=self.device))   # bad mask settings fail here, not at step 1
         if self._resume_from is not None: self.load_checkpoint(self._resume_from)
         if self.step > tc.steps:
@@ -480,7 +488,7 @@ class Trainer:
         "The FID evaluator for this run's data (built once; trains/loads the feature network if needed)."
         if self._evaluator is None:
             ec = self.cfg.eval
-            self._evaluator = make_evaluator(self.data, features=ec.features, n=ec.num_samples, device=self.device)
+            self._evaluator = make_evaluator(self.eval_data, features=ec.features, n=ec.num_samples, device=self.device)
         return self._evaluator
 
     def heldout(self) -> ImageData | None:

@@ -250,6 +250,34 @@ def test_init_from_another_run_and_a_plain_state_dict(tmp_path):
     assert not (tmp_path / 'bad').exists()
 
 
+def test_small_data_runs_are_judged_against_the_whole_training_split(tmp_path):
+    from sadm_lab.data import load_data
+    full = load_data('digits')
+    tr = Trainer(_cfg('train.steps=2', 'data.max_images=40', 'eval.enabled=true', 'eval.num_samples=100'),
+                 tmp_path / 'r', progress=False)     # 100 > 40 // 2: allowed because the reference is the full split
+    assert len(tr.data) == 40 and torch.equal(tr.eval_data.images, full.images)
+    rec = tr.fit().evaluate()
+    assert rec['n_fake'] == 100 and rec['n_ref'] >= 100 and rec['n_ref'] + 100 <= len(full)
+    assert rec['fid'] > 0 and 'nn_ratio' in rec                 # memorisation is checked against the 40 trained on
+    with pytest.raises(ConfigError, match='too large for 1618 real images'):
+        Trainer(_cfg('data.max_images=40', 'eval.enabled=true', 'eval.num_samples=900'), tmp_path / 'r2', progress=False)
+
+
+def test_transfer_from_another_dataset_loads_every_weight(tmp_path):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for i in range(24):                                   # a tiny 8x8 grey 'source' dataset in an image folder
+        Image.fromarray((torch.rand(8, 8, generator=g) * 255).byte().numpy(), mode='L').save(tmp_path / f'{i}.png')
+    src = Trainer(_cfg('train.steps=2', 'data.name=folder', f'data.root={tmp_path}', 'data.conditional=false',
+                       'data.channels=1', 'data.resolution=8', 'mask.strategy=patch', 'mask.ratio=0.75'), tmp_path / 'src', progress=False).fit()
+    dst = Trainer(_cfg('train.steps=2', 'data.max_images=30', 'data.conditional=false', f'train.init_from={src.run.path}'),
+                  tmp_path / 'dst', progress=False)
+    for k, v in src.unwrapped.state_dict().items(): assert torch.equal(dst.unwrapped.state_dict()[k], v), k
+    assert dst.data.name == 'digits' and len(dst.data) == 30
+    with pytest.raises(CheckpointError, match='missing keys'):   # conditional digits: a label table the source lacks
+        Trainer(_cfg('train.steps=1', f'train.init_from={src.run.path}'), tmp_path / 'bad', progress=False)
+
+
 def test_resume_with_fewer_steps_than_done_is_refused(tmp_path):
     Trainer(_cfg('train.steps=4'), tmp_path / 'r', progress=False).fit()
     with pytest.raises(ConfigError, match='beyond train.steps=2'):
