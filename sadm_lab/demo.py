@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/09_demo.ipynb #da69b2c6
 from __future__ import annotations
-import time
+import statistics, time
 from pathlib import Path
 
 from .core import atomic_write_text
@@ -13,21 +13,83 @@ from .train import RunDir, Trainer, Callback
 from .viz import plot_curves
 
 # %% auto #0
-__all__ = ['write_report', 'demo_config', 'run_demo']
+__all__ = ['stage_table', 'write_report', 'demo_config', 'run_demo']
 
 # %% ../nbs/api/09_demo.ipynb #081ae166
 def _fmt(v, nd=2):
     return '–' if v is None else (f'{v:.{nd}f}' if isinstance(v, float) else str(v))
 
+def stage_table(recs: list[dict], pretrain_steps: int) -> list[dict]:
+    """The two stages of a MaskDM run from its metric records: steps, mask ratios, median images/s, training time
+    (evaluations excluded; None after a resume, whose pauses the clock cannot see) and the last evaluation in each."""
+    train = [r for r in recs if r.get('kind') == 'train']
+    evals = [r for r in recs if r.get('kind') == 'eval']
+    starts = [r['time'] for r in recs if r.get('event') == 'start']
+    switch = next((r['time'] for r in recs if r.get('event') == 'stage'), None)
+    resumed = any(r.get('event') == 'resume' for r in recs)
+    end = max((r['time'] for r in train + evals), default=None)
+    bounds = {'pre-training': (starts[0] if starts else None, switch), 'fine-tuning': (switch, end)}
+    rows = []
+    for name, (lo, hi) in bounds.items():
+        pre = name == 'pre-training'
+        tr = [r for r in train if (r['step'] <= pretrain_steps) == pre]
+        ev = [r for r in evals if (r['step'] <= pretrain_steps) == pre]
+        if not tr and not ev: continue
+        secs = None
+        if lo is not None and hi is not None and not resumed:
+            secs = (hi - lo) - sum(r['seconds'] for r in evals if lo <= r['time'] <= hi)
+        ratios = sorted({round(r['mask_ratio'], 3) for r in tr if 'mask_ratio' in r})
+        steps = [r['step'] for r in tr + ev]
+        rows.append({'stage': name, 'first_step': 1 if pre else pretrain_steps + 1, 'last_step': max(steps),
+                     'mask_ratio': (ratios[-1], ratios[0]) if ratios else None,
+                     'img_per_s': statistics.median(r['img_per_s'] for r in tr) if tr else None,
+                     'train_s': secs, 'eval': ev[-1] if ev else None})
+    return rows
+
+def _stage_lines(run, cfg, recs) -> list[str]:
+    P = cfg.mask.pretrain_steps
+    rows = stage_table(recs, P)
+    mask = (f"{cfg.mask.strategy} masking" + (f" at ratio {cfg.mask.ratio}" if cfg.mask.strategy != 'crop' else
+                                              f", one visible {cfg.mask.crop_size}x{cfg.mask.crop_size} window"))
+    lines = ['## The two stages', '',
+             f"MaskDM's schedule: {P} steps of {mask} (only the visible patch tokens go through the transformer and the "
+             f"loss covers only them), then unmasked fine-tuning to step {cfg.train.steps}"
+             + (f" with a fresh optimiser state" if cfg.mask.reset_optimizer else '')
+             + (f" and EMA" if cfg.mask.reset_ema else '') + '.', '',
+             '| stage | steps | mask ratio | images/s | training time | FID at its end | NN ratio |', '|---|---|---|---|---|---|---|']
+    for r in rows:
+        mr = r['mask_ratio']
+        mr = '–' if mr is None else (f"{mr[0]:g}" if mr[0] == mr[1] else f"{mr[0]:g} → {mr[1]:g}")
+        e = r['eval'] or {}
+        lines.append(f"| {r['stage']} | {r['first_step']}–{r['last_step']} | {mr} | {_fmt(r['img_per_s'], 0)} | "
+                     f"{_fmt(r['train_s'] / 60 if r['train_s'] is not None else None, 1)} min | "
+                     f"{_fmt(e.get('fid'))} (step {e.get('step', '–')}) | {_fmt(e.get('nn_ratio'))} |")
+    primer = run.samples_dir / f'step-{P:07d}.png'
+    grids = sorted(run.samples_dir.glob('step-*.png'))
+    if primer.is_file() and grids and grids[-1] != primer:
+        lines += ['', f"Samples of the pre-trained model (step {P}, left) and after fine-tuning "
+                  f"(step {int(grids[-1].stem.split('-')[1])}, right), same seeds:", '',
+                  f"![pre-trained]({primer.relative_to(run.path).as_posix()}) "
+                  f"![fine-tuned]({grids[-1].relative_to(run.path).as_posix()})"]
+    ratio = rows[0]['mask_ratio'][0] if rows and rows[0]['mask_ratio'] else cfg.mask.ratio
+    lines += ['', f"In pre-training the model only ever denoises about {1 - ratio:.0%} of an image's patches at a time; "
+              "sampling it on the full grid of tokens shows the 'primer' it has learnt. Fine-tuning on whole images "
+              "turns it into the generator. Whether the two stages beat "
+              "training from scratch at equal compute is measured by `benchmarks/maskdm_equal_compute.py` "
+              "(see the docs page *Masked pre-training: the evidence*), not by one run.", '']
+    return lines
+
 def write_report(run_dir, *, title: str | None = None, notes: str = '') -> Path:
-    "Write `report.md`, `loss.png` and `fid.png` for a run folder; returns the report path."
+    "Write `report.md`, `loss.png` and `fid.png` for a run folder (with a section per stage for MaskDM runs)."
     run = RunDir(run_dir)
     cfg = load_config(run.config_path)
     recs = run.read_metrics()
     train = [r for r in recs if r.get('kind') == 'train']
     evals = [r for r in recs if r.get('kind') == 'eval']
-    plot_curves(train, run.path / 'loss.png', panels=(('loss', 'training loss (per-sample DSM, mean)', True),))
-    plot_curves(evals, run.path / 'fid.png', panels=(('fid', 'FID over training', False),))
+    two_stage = cfg.mask.strategy != 'none' and cfg.mask.pretrain_steps > 0
+    marks = {cfg.mask.pretrain_steps: 'fine-tuning starts'} if two_stage else None
+    plot_curves(train, run.path / 'loss.png', panels=(('loss', 'training loss (per-sample DSM, mean)', True),), marks=marks)
+    plot_curves(evals, run.path / 'fid.png', panels=(('fid', 'FID over training', False),), marks=marks)
     grids = sorted(run.samples_dir.glob('step-*.png'))
     starts = [r['time'] for r in recs if r.get('event') == 'start']
     ends = [r['time'] for r in recs if r.get('kind') in ('train', 'eval')]
@@ -35,13 +97,14 @@ def write_report(run_dir, *, title: str | None = None, notes: str = '') -> Path:
     last = train[-1] if train else {}
     lines = [f"# {title or cfg.name}", '',
              f"Model `{cfg.model.preset}` on `{cfg.data.name}`, {cfg.diffusion.schedule} schedule, "
-             f"{cfg.diffusion.prediction}-prediction, {cfg.train.steps} steps of batch {cfg.train.batch_size}, "
-             f"sampler {cfg.sample.sampler} ({cfg.sample.steps} steps).", '']
+             f"{cfg.diffusion.prediction}-prediction, {cfg.train.steps} steps of batch {cfg.train.batch_size}"
+             + (f" ({cfg.mask.pretrain_steps} of them masked)" if two_stage else '')
+             + f", sampler {cfg.sample.sampler} ({cfg.sample.steps} steps).", '']
     if notes: lines += [notes, '']
     lines += ['| | |', '|---|---|',
               f"| steps trained | {last.get('step', 0)} |",
               f"| final loss (last log window) | {_fmt(last.get('loss'), 4)} |",
-              f"| throughput | {_fmt(last.get('img_per_s'), 0)} images/s |",
+              f"| throughput (last log window) | {_fmt(last.get('img_per_s'), 0)} images/s |",
               f"| wall-clock (training + evaluation) | {_fmt(wall / 60 if wall else None, 1)} min |",
               f"| peak memory | {_fmt(last.get('mem_mb'), 0)} MB |"]
     if evals:
@@ -56,7 +119,10 @@ def write_report(run_dir, *, title: str | None = None, notes: str = '') -> Path:
     lines += ['']
     if grids: lines += [f"## Samples (step {int(grids[-1].stem.split('-')[1])})", '',
                         f"![samples]({grids[-1].relative_to(run.path).as_posix()})", '']
-    if (run.path / 'loss.png').is_file(): lines += ['## Training loss', '', '![loss](loss.png)', '']
+    if two_stage: lines += _stage_lines(run, cfg, recs)
+    if (run.path / 'loss.png').is_file():
+        lines += ['## Training loss', '', '![loss](loss.png)', '']
+        if two_stage: lines += ['The masked stage\'s loss is over visible patches only, so the curve may jump at the switch.', '']
     if evals:
         lines += ['## FID over training', '', '![fid](fid.png)', '',
                   '| step | FID | floor | NN ratio |', '|---|---|---|---|'] + \
@@ -72,33 +138,42 @@ def write_report(run_dir, *, title: str | None = None, notes: str = '') -> Path:
 # %% ../nbs/api/09_demo.ipynb #39280c6e
 class _Narrator(Callback):
     "Print where the demo is, between progress bars."
+    def on_step_end(self, trainer, logs):
+        if trainer.step == trainer.finetune_start:
+            from tqdm.auto import tqdm
+            tqdm.write(f"      step {trainer.step}: masked pre-training done; unmasked fine-tuning from here")
     def on_eval(self, trainer, rec):
         from tqdm.auto import tqdm
         mem = f", nearest-neighbour ratio {rec['nn_ratio']:.2f}" if 'nn_ratio' in rec else ''
         tqdm.write(f"      step {rec['step']}: FID {rec['fid']:.2f} (real-vs-real floor {rec['fid_floor']:.2f}, "
                    f"{rec['n_fake']} samples{mem}, {rec['seconds']:.0f}s)")
 
-def demo_config(*, fast: bool = False, overrides=()) -> RunConfig:
-    "The demo's config: `digits-dit` with periodic FID; `fast` shrinks it to about a minute."
+def demo_config(*, fast: bool = False, masked: bool = True, overrides=()) -> RunConfig:
+    "The demo's config: `digits-maskdm` (or `digits-dit`) with periodic FID; `fast` shrinks it to about a minute."
     base = ['name=demo']
-    if fast: base += ['train.steps=300', 'train.eval_every=150', 'train.sample_every=150', 'train.ckpt_every=150',
-                      'eval.num_samples=300', 'train.log_every=10']
-    return get_config('digits-dit', base + list(overrides))
+    if fast:
+        base += ['train.steps=300', 'train.eval_every=150', 'train.sample_every=150', 'train.ckpt_every=150',
+                 'eval.num_samples=300', 'train.log_every=10'] + (['mask.pretrain_steps=150'] if masked else [])
+    return get_config('digits-maskdm' if masked else 'digits-dit', base + list(overrides))
 
-def run_demo(run_dir='runs/demo', *, fast: bool = False, overrides=(), resume: bool | None = None,
+def run_demo(run_dir='runs/demo', *, fast: bool = False, masked: bool = True, overrides=(), resume: bool | None = None,
              progress: bool = True) -> Path:
-    "Train, sample, evaluate and report; returns the path of `report.md`."
-    cfg = demo_config(fast=fast, overrides=overrides)
+    "Train (masked pre-training, then fine-tuning), sample, evaluate and report; returns the path of `report.md`."
+    cfg = demo_config(fast=fast, masked=masked, overrides=overrides)
     run_dir = Path(run_dir)
     t0 = time.time()
-    print(f"[1/3] training {cfg.model.preset} on {cfg.data.name} for {cfg.train.steps} steps "
-          f"(batch {cfg.train.batch_size}, FID every {cfg.train.eval_every or cfg.train.steps} steps) in {run_dir}", flush=True)
+    P = cfg.mask.pretrain_steps if cfg.mask.strategy != 'none' else 0
+    plan = (f"{P} steps with {cfg.mask.ratio:.0%} of the patches masked, then {cfg.train.steps - P} unmasked"
+            if P else f"{cfg.train.steps} steps")
+    print(f"[1/3] training {cfg.model.preset} on {cfg.data.name}: {plan} (batch {cfg.train.batch_size}, "
+          f"FID every {cfg.train.eval_every or cfg.train.steps} steps) in {run_dir}", flush=True)
     tr = Trainer(cfg, run_dir, resume=resume, callbacks=[_Narrator()], progress=progress)
     print(f"      data: {len(tr.data)} images {tuple(tr.data.images.shape[1:])}, {tr.data.num_classes} classes; "
           f"model: {sum(p.numel() for p in tr.unwrapped.parameters())/1e6:.2f}M parameters on {tr.device}", flush=True)
     tr.fit()
     print(f"[2/3] samples: {sorted(tr.run.samples_dir.glob('*.png'))[-1]}", flush=True)
-    report = write_report(run_dir, title='sadm_lab demo: a tiny DiT on digits',
+    what = 'masked pre-training + fine-tuning of a tiny DiT' if P else 'a tiny DiT'
+    report = write_report(run_dir, title=f'sadm_lab demo: {what} on digits',
                           notes=f"Made by `sadm-lab demo` in {(time.time() - t0) / 60:.1f} minutes.")
     print(f"[3/3] report: {report}", flush=True)
     return report

@@ -53,8 +53,9 @@ def _ema_smooth(y, alpha=0.1):
     return out
 
 def plot_curves(records: list[dict], path, *, panels=(('loss', 'training loss', True), ('fid', 'FID', False)),
-                floor_key: str = 'fid_floor', dpi: int = 80) -> Path | None:
-    "Plot `(key, title, log_y)` panels against `step` from metric records; returns the PNG path (None if no data)."
+                floor_key: str = 'fid_floor', marks: dict | None = None, dpi: int = 80) -> Path | None:
+    """Plot `(key, title, log_y)` panels against `step` from metric records; returns the PNG path (None if no data).
+    `marks` ({step: label}) draws labelled vertical lines, e.g. where fine-tuning starts."""
     import matplotlib
     matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
@@ -70,9 +71,11 @@ def plot_curves(records: list[dict], path, *, panels=(('loss', 'training loss', 
         else: ax.plot(xs, ys, 'o-', color='C1', label=key)
         floors = [(r['step'], r[floor_key]) for r in records if key == 'fid' and r.get(floor_key) is not None]
         if floors: ax.axhline(floors[-1][1], ls='--', color='gray', label='real-vs-real floor')
+        for k, (step, label) in enumerate(sorted((marks or {}).items())):
+            ax.axvline(step, ls=':', color=f'C{k + 2}', label=label)
         if logy and min(ys) > 0: ax.set_yscale('log')
         ax.set_title(title); ax.set_xlabel('step'); ax.grid(alpha=0.3)
-        if floors or len(xs) > 20: ax.legend(fontsize=7)
+        if floors or marks or len(xs) > 20: ax.legend(fontsize=7)
     fig.tight_layout()
     try: return atomic_write(path, lambda p: fig.savefig(p, format='png'))
     finally: plt.close(fig)
