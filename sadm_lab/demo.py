@@ -51,11 +51,11 @@ def _stage_lines(run, cfg, recs) -> list[str]:
     rows = stage_table(recs, P)
     mask = (f"{cfg.mask.strategy} masking" + (f" at ratio {cfg.mask.ratio}" if cfg.mask.strategy != 'crop' else
                                               f", one visible {cfg.mask.crop_size}x{cfg.mask.crop_size} window"))
+    fresh = [w for w, on in (('optimiser state', cfg.mask.reset_optimizer), ('EMA', cfg.mask.reset_ema)) if on]
     lines = ['## The two stages', '',
              f"MaskDM's schedule: {P} steps of {mask} (only the visible patch tokens go through the transformer and the "
              f"loss covers only them), then unmasked fine-tuning to step {cfg.train.steps}"
-             + (f" with a fresh optimiser state" if cfg.mask.reset_optimizer else '')
-             + (f" and EMA" if cfg.mask.reset_ema else '') + '.', '',
+             + (" with a fresh " + ' and '.join(fresh) if fresh else '') + '.', '',
              '| stage | steps | mask ratio | images/s | training time | FID at its end | NN ratio |', '|---|---|---|---|---|---|---|']
     for r in rows:
         mr = r['mask_ratio']
