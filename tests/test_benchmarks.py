@@ -1,0 +1,60 @@
+"The equal-compute script's bookkeeping, end to end on a seconds-long budget (its results are not checked here)."
+import importlib.util, json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / 'benchmarks' / f'{name}.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
+
+def _source_folder(root: Path):
+    "A labelled 10-class folder of random 8x8 grey images, standing in for Fashion-MNIST (not installed everywhere)."
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for c in range(10):
+        (root / f'c{c}').mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray((torch.rand(8, 8, generator=g) * 255).byte().numpy(), mode='L').save(root / f'c{c}' / f'{i}.png')
+    return root
+
+
+def test_transfer_setting_spends_the_same_budget_in_every_arm(tmp_path, capsys):
+    eqc = _load('maskdm_equal_compute')
+    src, out, S = _source_folder(tmp_path / 'src'), tmp_path / 'out', 16
+    eqc.main(['--setting', 'transfer', '--base', 'smoke', '--steps', str(S), '--seeds', '3', '--evals', '2',
+              '--eval-samples', '40', '--target-images', '60', '--source', 'folder', '--source-root', str(src),
+              '--finetune-warmup', '2', '--out', str(out), 'model.depth=1'])
+    s = json.loads((out / 'summary.json').read_text())
+    P, F, c = s['pretrain_steps'], s['finetune_steps'], s['cost_ratio_flops']
+    assert F == S // 2 and P == round(S / 2 / c) and abs(P * c + F - S) <= c   # P masked + F unmasked cost S
+    assert set(s['arms']) == {'scratch', 'maskdm', 'transfer', 'transfer-unmasked'}
+    a = s['arms']
+    assert a['scratch']['updates'] == S and a['transfer-unmasked']['updates'] == S
+    assert a['maskdm']['updates'] == a['transfer']['updates'] == P + F
+    for arm, d in a.items():                          # every curve ends at the budget, in FLOPs
+        (curve,) = d['curves']
+        assert curve[-1][0] == pytest.approx(S, abs=c), (arm, curve)
+        assert all(x1 < x2 and t1 < t2 for (x1, t1, _), (x2, t2, _) in zip(curve, curve[1:])), (arm, curve)
+    cfg = lambda run: json.loads((Path(run) / 'config.json').read_text())
+    for arm, masked in (('transfer', True), ('transfer-unmasked', False)):
+        ft = cfg(a[arm]['runs'][0])
+        pre = cfg(ft['train']['init_from'])           # the fine-tuning run starts from the source pre-training run
+        assert pre['data']['name'] == 'folder' and pre['data']['resolution'] == 8 and ft['data']['name'] == 'digits'
+        assert (pre['mask']['strategy'] != 'none') == masked and ft['mask']['strategy'] == 'none'
+        assert ft['data']['max_images'] == 60 and pre['train']['seed'] == ft['train']['seed'] == 3
+    assert cfg(a['maskdm']['runs'][0])['mask']['pretrain_steps'] == P
+    assert (out / 'fid_vs_flops.png').is_file() and (out / 'fid_vs_time.png').is_file()
+    assert '| from scratch |' in (out / 'summary.md').read_text()
+
+
+def test_unknown_arm_is_refused(tmp_path):
+    eqc = _load('maskdm_equal_compute')
+    with pytest.raises(SystemExit):
+        eqc.main(['--arms', 'transfer', '--out', str(tmp_path)])       # 'transfer' is not an arm of setting 'same'
