@@ -14,7 +14,9 @@ warm-up (MaskDM fine-tunes a copy of the pre-trained weights).
 Settings and their arms (every arm of a seed starts from the same seeded initialisation):
   --setting same      on the base data:
       scratch            S unmasked steps;
-      maskdm             one two-stage run: P masked steps, then F unmasked steps (`mask.pretrain_steps`).
+      maskdm             one two-stage run: P masked steps, then F unmasked steps (`mask.pretrain_steps`);
+      small-batch        the control for "more, cheaper updates": P unmasked steps with batch c * B (as many tokens
+                         per step as a masked step of batch B), then the same F unmasked fine-tuning steps.
   --setting transfer  MaskDM's small-data case: the target is `--target-images` images of the base data (default 300)
                       and `--source` (default fashion-mnist, resized to the target's resolution) is a larger dataset:
       scratch            S unmasked steps on the target;
@@ -43,10 +45,11 @@ from sadm_lab.masking import visible_count  # noqa: E402
 from sadm_lab.models import flops_per_forward  # noqa: E402
 from sadm_lab.train import Trainer, RunDir  # noqa: E402
 
-ARMS = {'same': ('scratch', 'maskdm'), 'transfer': ('scratch', 'maskdm', 'transfer', 'transfer-unmasked')}
+ARMS = {'same': ('scratch', 'maskdm', 'small-batch'), 'transfer': ('scratch', 'maskdm', 'transfer', 'transfer-unmasked')}
 LABELS = {'scratch': 'from scratch', 'maskdm': 'masked pre-training + fine-tuning',
           'transfer': 'masked pre-training on the source + fine-tuning',
-          'transfer-unmasked': 'unmasked pre-training on the source + fine-tuning (control)'}
+          'transfer-unmasked': 'unmasked pre-training on the source + fine-tuning (control)',
+          'small-batch': 'small-batch unmasked steps + fine-tuning (control)'}
 
 
 def masked_flops_ratio(tr: Trainer, a) -> tuple[float, int, int]:
@@ -108,17 +111,25 @@ def run_arm(arm, seed, plan, a, out):
                                      f'train.eval_every={max(1, (P + F) // a.evals)}']), out / name, a.progress, True)
         pts = [(min(e['step'], P) * c_flops + max(0, e['step'] - P), e['train_s'], e) for e in r['evals']]
         return r | {'points': pts, 'updates': P + F}
-    # transfer arms: a pre-training run on the source, then a fine-tuning run on the target initialised from it
-    masked = arm == 'transfer'
-    Q = P if masked else S - F
-    pre = _fit(get_config(a.base, [f'name={name}-pretrain', f'train.seed={seed}', *plan['common'], *plan['source'],
-                                   *(mask if masked else []), f'train.steps={Q}', 'eval.enabled=false']),
-               out / f'{name}-pretrain', a.progress, False)
+    # two runs: a first stage (on the source, or small batches on the target), then unmasked fine-tuning on the
+    # target initialised from it with a fresh optimiser, EMA and warm-up, like the switch of the maskdm arm
+    if arm == 'small-batch':      # P full-image steps of as many tokens as a masked step: more updates, no masking
+        b = max(1, round(plan['batch'] * plan['c']))
+        Q, q_flops, first = P, P * b / plan['batch'], [*plan['target'], f'train.batch_size={b}',
+                                                      f'train.eval_every={max(1, P // a.evals)}']
+    else:
+        masked = arm == 'transfer'
+        Q = P if masked else S - F
+        q_flops = Q * (c_flops if masked else 1.0)
+        first = [*plan['source'], *(mask if masked else []), 'eval.enabled=false']
+    on_target = arm == 'small-batch'
+    pre = _fit(get_config(a.base, [f'name={name}-pretrain', f'train.seed={seed}', *plan['common'], *first,
+                                   f'train.steps={Q}']), out / f'{name}-pretrain', a.progress, on_target)
     ft = _fit(get_config(a.base, [f'name={name}', *base, f'train.steps={F}', f'train.init_from={pre["run"]}',
                                   f'train.warmup_steps={a.finetune_warmup}', f'train.eval_every={max(1, F // a.evals)}']),
               out / name, a.progress, True)
-    q_flops = Q * (c_flops if masked else 1.0)
-    pts = [(q_flops + e['step'], pre['train_s'] + e['train_s'], e) for e in ft['evals']]
+    pts = [(e['step'] * q_flops / Q, e['train_s'], e) for e in pre['evals'] if e['step'] < Q] if on_target else []
+    pts += [(q_flops + e['step'], pre['train_s'] + e['train_s'], e) for e in ft['evals']]
     return ft | {'points': pts, 'updates': Q + F, 'pretrain_s': pre['train_s'], 'wall_s': pre['wall_s'] + ft['wall_s'],
                  'train_s': pre['train_s'] + ft['train_s']}
 
@@ -162,7 +173,8 @@ def main(argv=None):
     c = timing[0] if timing else c_flops
     S = a.steps
     P, F = round(a.pretrain_frac * S / c), S - round(a.pretrain_frac * S)
-    plan = dict(S=S, P=P, F=F, c_flops=c_flops, common=common, target=target, source=source)
+    plan = dict(S=S, P=P, F=F, c=c, c_flops=c_flops, common=common, target=target, source=source,
+                batch=probe.cfg.train.batch_size)
     print(f"budget {S} unmasked steps; a masked step ({n_vis} of {n_tok} tokens visible) costs {c_flops:.3f} of an unmasked one in FLOPs"
           + (f", {timing[0]:.3f} in measured time ({1e3 * timing[1]:.0f} vs {1e3 * timing[2]:.0f} ms/step)" if timing else '')
           + f"; matched by {a.match}: pre-training {P} masked + fine-tuning {F} unmasked steps", flush=True)
@@ -177,6 +189,7 @@ def main(argv=None):
     summary = {'config': vars(a), 'cost_ratio_flops': c_flops, 'cost_ratio_time': timing[0] if timing else None,
                'step_ms': {'masked': 1e3 * timing[1], 'unmasked': 1e3 * timing[2]} if timing else None,
                'visible_tokens': n_vis, 'pretrain_steps': P, 'finetune_steps': F,
+               'small_batch': max(1, round(plan['batch'] * c)) if 'small-batch' in arms else None,
                'floor': results[0]['evals'][-1]['fid_floor'], 'arms': {}}
     for arm in arms:
         rs = [r for r in results if r['arm'] == arm]
@@ -204,7 +217,8 @@ def _markdown(s, a) -> str:
              f"with {a.strategy} masking at ratio {a.ratio} ({s['visible_tokens']} visible tokens; a masked step costs "
              f"{s['cost_ratio_flops']:.3f} of an unmasked one in FLOPs"
              + (f", {s['cost_ratio_time']:.3f} in measured time" if s['cost_ratio_time'] else '') + f"), then {F} "
-             f"unmasked fine-tuning steps." + (f" Source for the transfer arms: `{a.source}`." if a.setting == 'transfer' else ''),
+             f"unmasked fine-tuning steps." + (f" Source for the transfer arms: `{a.source}`." if a.setting == 'transfer' else '')
+             + (f" The small-batch control's first stage uses batch {s['small_batch']}." if s['small_batch'] else ''),
              '', '| arm | final FID (mean ± std) | per seed | NN ratio | optimiser updates | training time (s) |',
              '|---|---|---|---|---|---|']
     for arm, d in s['arms'].items():

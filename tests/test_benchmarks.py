@@ -54,6 +54,24 @@ def test_transfer_setting_spends_the_same_budget_in_every_arm(tmp_path, capsys):
     assert '| from scratch |' in (out / 'summary.md').read_text()
 
 
+def test_small_batch_control_matches_the_tokens_of_a_masked_step(tmp_path):
+    eqc = _load('maskdm_equal_compute')
+    out, S = tmp_path / 'out', 16
+    eqc.main(['--base', 'smoke', '--steps', str(S), '--seeds', '0', '--evals', '2', '--eval-samples', '40',
+              '--arms', 'scratch', 'small-batch', '--finetune-warmup', '2', '--out', str(out), 'model.depth=1'])
+    s = json.loads((out / 'summary.json').read_text())
+    P, F, c, b = s['pretrain_steps'], s['finetune_steps'], s['cost_ratio_flops'], s['small_batch']
+    assert b == round(32 * c) and set(s['arms']) == {'scratch', 'small-batch'}    # smoke's batch is 32
+    d = s['arms']['small-batch']
+    ft = json.loads((Path(d['runs'][0]) / 'config.json').read_text())
+    pre = json.loads((Path(ft['train']['init_from']) / 'config.json').read_text())
+    assert pre['train']['batch_size'] == b and pre['train']['steps'] == P and pre['mask']['strategy'] == 'none'
+    assert ft['train']['batch_size'] == 32 and ft['train']['steps'] == F and d['updates'] == P + F
+    (curve,) = d['curves']                             # evaluated in both stages; ends at the budget in FLOPs
+    assert len(curve) >= 3 and curve[-1][0] == pytest.approx(P * b / 32 + F)
+    assert abs(P * b / 32 + F - S) <= 1
+
+
 def test_unknown_arm_is_refused(tmp_path):
     eqc = _load('maskdm_equal_compute')
     with pytest.raises(SystemExit):

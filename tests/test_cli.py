@@ -2,8 +2,6 @@
 import json, subprocess, sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

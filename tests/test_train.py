@@ -1,5 +1,5 @@
 "Trainer: exact resume, run-folder safety, checkpoint compatibility, bf16, and 2 processes through accelerate."
-import json, os, subprocess, sys
+import os, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -80,7 +80,7 @@ def test_refuses_foreign_folder_and_missing_run(tmp_path):
 
 
 def test_checkpoint_from_another_model_is_a_clear_error(tmp_path):
-    tr = Trainer(_cfg('train.steps=2'), tmp_path / 'a', progress=False).fit()
+    Trainer(_cfg('train.steps=2'), tmp_path / 'a', progress=False).fit()
     ck = RunDir(tmp_path / 'a').latest_checkpoint()
     Trainer(_cfg('train.steps=2', 'model.hidden_size=96'), tmp_path / 'b', progress=False).fit()
     with pytest.raises(CheckpointError, match='model.hidden_size: checkpoint 64, run 96'):
@@ -197,7 +197,7 @@ def test_masked_training_drops_tokens_before_the_transformer(tmp_path, monkeypat
     def spy(self, model, x0, **kw):
         seen.append(None if kw.get('keep_idx') is None else tuple(kw['keep_idx'].shape)); return orig(self, model, x0, **kw)
     monkeypatch.setattr(D.Diffusion, 'training_losses', spy)
-    tr = Trainer(_cfg('train.steps=2', *mask), tmp_path / 'r', progress=False).fit()   # 8x8 digits, patch 2: 16 tokens
+    Trainer(_cfg('train.steps=2', *mask), tmp_path / 'r', progress=False).fit()   # 8x8 digits, patch 2: 16 tokens
     visible = {'patch': 4, 'block': 8, 'crop': 4}[mask[0].split('=')[1]]
     assert seen == [(32, visible)] * 2
     losses = [r['loss'] for r in RunDir(tmp_path / 'r').read_metrics() if r['kind'] == 'train']
