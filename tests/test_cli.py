@@ -48,3 +48,22 @@ def test_train_resume_sample_eval(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res['n_fake'] == 40 and res['fid'] > 0 and res['floor'] > 0
+
+
+TINY_DEMO = ['train.steps=4', 'train.eval_every=2', 'train.sample_every=2', 'train.ckpt_every=2', 'eval.num_samples=50',
+             'sample.grid_size=4', 'sample.steps=4', 'model.depth=1', 'train.batch_size=32', 'train.log_every=1']
+
+
+def test_demo_trains_both_stages_and_reports_them(tmp_path):
+    r = cli('demo', '--no-progress', '--run-dir', tmp_path / 'd', *TINY_DEMO, 'mask.pretrain_steps=2')
+    assert r.returncode == 0, r.stderr
+    assert '2 steps with 75% of the patches masked, then 2 unmasked' in r.stdout
+    cfg = json.loads((tmp_path / 'd' / 'config.json').read_text())
+    assert cfg['mask']['strategy'] == 'patch' and cfg['mask']['pretrain_steps'] == 2
+    text = (tmp_path / 'd' / 'report.md').read_text()
+    assert '| pre-training | 1–2 | 0.75 |' in text and '| fine-tuning | 3–4 | 0 |' in text
+    assert '![pre-trained](samples/step-0000002.png) ![fine-tuned](samples/step-0000004.png)' in text
+    r = cli('demo', '--no-progress', '--unmasked', '--run-dir', tmp_path / 'u', *TINY_DEMO)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / 'u' / 'config.json').read_text())['mask']['strategy'] == 'none'
+    assert '## The two stages' not in (tmp_path / 'u' / 'report.md').read_text()
