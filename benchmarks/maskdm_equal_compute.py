@@ -128,7 +128,7 @@ def run_arm(arm, seed, plan, a, out):
     ft = _fit(get_config(a.base, [f'name={name}', *base, f'train.steps={F}', f'train.init_from={pre["run"]}',
                                   f'train.warmup_steps={a.finetune_warmup}', f'train.eval_every={max(1, F // a.evals)}']),
               out / name, a.progress, True)
-    pts = [(e['step'] * q_flops / Q, e['train_s'], e) for e in pre['evals'] if e['step'] < Q] if on_target else []
+    pts = [(e['step'] * q_flops / Q, e['train_s'], e) for e in pre['evals']] if on_target else []
     pts += [(q_flops + e['step'], pre['train_s'] + e['train_s'], e) for e in ft['evals']]
     return ft | {'points': pts, 'updates': Q + F, 'pretrain_s': pre['train_s'], 'wall_s': pre['wall_s'] + ft['wall_s'],
                  'train_s': pre['train_s'] + ft['train_s']}
