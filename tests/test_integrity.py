@@ -45,7 +45,8 @@ def test_pyflakes_is_clean():
 
 def test_import_is_light():
     code = ("import sys, sadm_lab, sadm_lab.core, sadm_lab.config, sadm_lab.data, sadm_lab.diffusion, sadm_lab.models, "
-            "sadm_lab.sample, sadm_lab.train, sadm_lab.metrics, sadm_lab.viz, sadm_lab.demo, sadm_lab.cli\n"
+            "sadm_lab.masking, sadm_lab.structure, sadm_lab.sample, sadm_lab.train, sadm_lab.metrics, sadm_lab.viz, sadm_lab.demo, "
+            "sadm_lab.cli\n"
             "heavy = [m for m in ('umap', 'plotly', 'ipywidgets', 'jupyterlab', 'IPython', 'matplotlib', 'numba', "
             "'diffusers', 'torchvision', 'sklearn') if m in sys.modules]\n"
             "print(heavy)")
