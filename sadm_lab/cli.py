@@ -117,12 +117,13 @@ def cmd_sample(a) -> int:
 
 def cmd_eval(a) -> int:
     import torch
-    from sadm_lab.train import load_run, make_evaluator
+    from sadm_lab.train import load_run, make_evaluator, build_reference_data
     from sadm_lab.sample import generate
     dev = get_device(a.device)
     model, diffusion, cfg, data = load_run(a.run_dir, checkpoint=a.checkpoint, device=dev)
     n = a.n or cfg.eval.num_samples
-    ev = make_evaluator(data, features=a.features or cfg.eval.features, n=n, device=dev)
+    ref = build_reference_data(cfg) if cfg.data.max_images is not None else data   # as during training
+    ev = make_evaluator(ref, features=a.features or cfg.eval.features, n=n, device=dev)
     g = torch.Generator(device=dev).manual_seed(a.seed)
     sc = cfg.sample
     fake = generate(model, diffusion, n, sampler=a.sampler or sc.sampler, steps=a.steps or sc.steps, eta=sc.eta,

@@ -50,6 +50,16 @@ def test_train_resume_sample_eval(tmp_path):
     assert res['n_fake'] == 40 and res['fid'] > 0 and res['floor'] > 0
 
 
+def test_eval_of_a_small_data_run_uses_the_whole_split_as_training_did(tmp_path):
+    run = tmp_path / 'small'
+    r = cli('train', 'smoke', 'train.steps=2', 'data.max_images=40', 'eval.enabled=false', '--run-dir', run, '--no-progress')
+    assert r.returncode == 0, r.stderr
+    r = cli('eval', run, '-n', 60, '--steps', 2, '--json', '--device', 'cpu')      # 60 > 40 // 2: needs the full split
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res['n_fake'] == 60 and res['n_ref'] >= 1618 - 2 * 60
+
+
 TINY_DEMO = ['train.steps=4', 'train.eval_every=2', 'train.sample_every=2', 'train.ckpt_every=2', 'eval.num_samples=50',
              'sample.grid_size=4', 'sample.steps=4', 'model.depth=1', 'train.batch_size=32', 'train.log_every=1']
 
