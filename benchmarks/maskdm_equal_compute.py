@@ -28,6 +28,8 @@ FID (classifier features, 400 samples against the whole training split of the ta
 real-vs-real floor) is measured at `--evals` points of every run on the target, and the memorisation check
 (nearest-training-image distance ratio) beside it. Written to `--out`: summary.json, summary.md (table of the final
 FID, mean ± std over seeds), fid_vs_flops.png and fid_vs_time.png (training time, evaluations excluded).
+Running the same command again reuses the finished runs in `--out` and resumes interrupted ones (the measured step
+costs are kept in plan.json so the runs' configs stay the same); other settings need another `--out`.
 Results are what they are: the script makes no claim either way.
 
     python benchmarks/maskdm_equal_compute.py                                   # digits, 3 seeds, ~15 min (2 cores)
@@ -35,7 +37,7 @@ Results are what they are: the script makes no claim either way.
     python benchmarks/maskdm_equal_compute.py --steps 1000 --match time --ratio 0.9 --seeds 0 1 2 3 4
 """
 from __future__ import annotations
-import argparse, json, statistics, sys, time
+import argparse, json, shutil, statistics, sys, tempfile, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
@@ -43,7 +45,7 @@ from sadm_lab.config import get_config  # noqa: E402
 from sadm_lab.core import atomic_write_json, atomic_write_text  # noqa: E402
 from sadm_lab.masking import visible_count  # noqa: E402
 from sadm_lab.models import flops_per_forward  # noqa: E402
-from sadm_lab.train import Trainer, RunDir  # noqa: E402
+from sadm_lab.train import Trainer  # noqa: E402
 
 ARMS = {'same': ('scratch', 'maskdm', 'small-batch'), 'transfer': ('scratch', 'maskdm', 'transfer', 'transfer-unmasked')}
 LABELS = {'scratch': 'from scratch', 'maskdm': 'masked pre-training + fine-tuning',
@@ -60,13 +62,13 @@ def masked_flops_ratio(tr: Trainer, a) -> tuple[float, int, int]:
     return flops_per_forward(net, num_tokens=n_vis) / flops_per_forward(net), n_vis, g * g
 
 
-def masked_time_ratio(base_overrides, a, out, reps=5, steps=4) -> tuple[float, float, float]:
+def masked_time_ratio(base_overrides, a, tmp: Path, reps=5, steps=4) -> tuple[float, float, float]:
     "Measured seconds per masked / unmasked training step (median of interleaved repetitions, after warm-up)."
     trs = {}
     for masked in (False, True):
         m = [f'mask.strategy={a.strategy}', f'mask.ratio={a.ratio}', f'mask.block_size={a.block_size}'] if masked else []
         trs[masked] = Trainer(get_config(a.base, [*base_overrides, 'train.steps=100000', 'eval.enabled=false', *m]),
-                              out / f'_probe-{"masked" if masked else "unmasked"}', progress=False)
+                              tmp / f'probe-{"masked" if masked else "unmasked"}', progress=False)
         for _ in range(2): trs[masked].train_step()                      # warm-up
     times = {False: [], True: []}
     for _ in range(reps):
@@ -78,20 +80,33 @@ def masked_time_ratio(base_overrides, a, out, reps=5, steps=4) -> tuple[float, f
     return t_m / t_u, t_m, t_u
 
 
-def _fit(cfg, run_dir, progress, evaluate: bool):
-    "Train one run; the time to build the FID evaluator (a cached feature network) is kept out of its training time."
-    tr = Trainer(cfg, run_dir, progress=progress)
-    if evaluate: tr.evaluator()
-    t0 = time.perf_counter()
-    tr.fit()
-    recs = RunDir(tr.run.path).read_metrics()
-    start = next(r['time'] for r in recs if r.get('event') == 'start')
-    evals, spent = [], 0.0
+def training_times(recs: list[dict]) -> tuple[list[dict], float]:
+    """The eval records of a run, each with `train_s` (training seconds up to it), and the run's total training
+    seconds: wall-clock of each session (from its start or resume event to its last record) minus evaluations."""
+    total, seg_start, last, evals = 0.0, None, None, []
     for r in recs:
-        if r['kind'] == 'eval':
-            spent += r['seconds']
-            evals.append(dict(r, train_s=r['time'] - start - spent))     # wall-clock since start minus evaluations
-    return {'run': str(tr.run.path), 'evals': evals, 'wall_s': time.perf_counter() - t0, 'train_s': (time.perf_counter() - t0) - spent}
+        if r.get('event') in ('start', 'resume'):
+            if seg_start is not None: total += last - seg_start
+            seg_start = last = r['time']
+        elif seg_start is not None and 'time' in r:
+            last = r['time']
+            if r['kind'] == 'eval':
+                total -= r['seconds']
+                evals.append(dict(r, train_s=total + last - seg_start))
+    return evals, total + (last - seg_start if seg_start is not None else 0.0)
+
+
+def _fit(cfg, run_dir: Path, progress, evaluate: bool):
+    """Train one run, or finish an interrupted one, or reuse a finished one (a re-run of the script picks up where
+    it stopped; a changed config is refused by the trainer). Building the FID evaluator is kept out of the times."""
+    tr = Trainer(cfg, run_dir, resume=True if (run_dir / 'config.json').is_file() else None, progress=progress)
+    if not any(r.get('event') == 'end' for r in tr.run.read_metrics()):
+        if evaluate: tr.evaluator()
+        tr.fit()
+    recs = tr.run.read_metrics()
+    evals, train_s = training_times(recs)
+    return {'run': str(tr.run.path), 'evals': evals, 'train_s': train_s,
+            'resumed': any(r.get('event') == 'resume' for r in recs)}
 
 
 def run_arm(arm, seed, plan, a, out):
@@ -130,8 +145,8 @@ def run_arm(arm, seed, plan, a, out):
               out / name, a.progress, True)
     pts = [(e['step'] * q_flops / Q, e['train_s'], e) for e in pre['evals']] if on_target else []
     pts += [(q_flops + e['step'], pre['train_s'] + e['train_s'], e) for e in ft['evals']]
-    return ft | {'points': pts, 'updates': Q + F, 'pretrain_s': pre['train_s'], 'wall_s': pre['wall_s'] + ft['wall_s'],
-                 'train_s': pre['train_s'] + ft['train_s']}
+    return ft | {'points': pts, 'updates': Q + F, 'pretrain_s': pre['train_s'], 'train_s': pre['train_s'] + ft['train_s'],
+                 'resumed': pre['resumed'] or ft['resumed']}
 
 
 def main(argv=None):
@@ -162,14 +177,24 @@ def main(argv=None):
     if bad := [x for x in arms if x not in ARMS[a.setting]]: p.error(f'arms {bad} are not in setting {a.setting!r}: {ARMS[a.setting]}')
     if a.setting == 'transfer' and a.target_images is None: a.target_images = 300
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    common = ['train.sample_every=0', f'eval.num_samples={a.eval_samples}', 'train.ckpt_every=100000', *a.overrides]
+    common = ['train.sample_every=0', f'eval.num_samples={a.eval_samples}', 'train.ckpt_every=500', *a.overrides]
     target = [f'data.max_images={a.target_images}'] if a.target_images else []
-    probe = Trainer(get_config(a.base, [*common, *target, 'train.steps=1', 'eval.enabled=false']), out / '_probe', progress=False)
+    tmp = Path(tempfile.mkdtemp(prefix='eqc-probe-'))               # throw-away run folders of the probes
+    probe = Trainer(get_config(a.base, [*common, *target, 'train.steps=1', 'eval.enabled=false']), tmp / 'probe', progress=False)
     res, ch = probe.data.resolution, probe.data.channels
     source = [f'data.name={a.source}', f'data.resolution={res}', f'data.channels={ch}', 'data.max_images=none',
               *([f'data.root={a.source_root}'] if a.source_root else [])]
     c_flops, n_vis, n_tok = masked_flops_ratio(probe, a)
-    timing = masked_time_ratio([*common, *target], a, out) if a.match == 'time' else None
+    # a re-run into the same --out reuses the measured step costs, so finished runs are reused and interrupted ones
+    # resume (the runs' configs depend on them); other settings need another --out
+    key = {k: v for k, v in vars(a).items() if k not in ('seeds', 'arms', 'progress', 'out')}
+    saved = json.loads((out / 'plan.json').read_text()) if (out / 'plan.json').is_file() else None
+    if saved is not None and saved['settings'] != key:
+        diff = ', '.join(f'{k}: {saved["settings"].get(k)!r} -> {v!r}' for k, v in key.items() if saved['settings'].get(k) != v)
+        p.error(f'{out} holds a comparison with other settings ({diff}); use another --out')
+    timing = saved['timing'] if saved else (masked_time_ratio([*common, *target], a, tmp) if a.match == 'time' else None)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if saved is None: atomic_write_json(out / 'plan.json', {'settings': key, 'timing': timing})
     c = timing[0] if timing else c_flops
     S = a.steps
     P, F = round(a.pretrain_frac * S / c), S - round(a.pretrain_frac * S)
@@ -199,6 +224,7 @@ def main(argv=None):
             'final_fid_mean': statistics.mean(fids), 'final_fid_std': statistics.stdev(fids) if len(fids) > 1 else 0.0,
             'final_fids': fids, 'nn_ratio_mean': statistics.mean(nn) if None not in nn else None,
             'train_s_mean': statistics.mean(r['train_s'] for r in rs), 'updates': rs[0]['updates'],
+            'resumed_runs': sum(r['resumed'] for r in rs),
             'curves': [[(x, t, e['fid']) for x, t, e in r['points']] for r in rs], 'runs': [r['run'] for r in rs]}
     atomic_write_json(out / 'summary.json', summary)
     _plots(summary, out)
@@ -224,10 +250,14 @@ def _markdown(s, a) -> str:
     for arm, d in s['arms'].items():
         nn = f"{d['nn_ratio_mean']:.2f}" if d['nn_ratio_mean'] is not None else '–'
         lines.append(f"| {LABELS[arm]} | {d['final_fid_mean']:.2f} ± {d['final_fid_std']:.2f} | "
-                     f"{', '.join(f'{x:.2f}' for x in d['final_fids'])} | {nn} | {d['updates']} | {d['train_s_mean']:.0f} |")
+                     f"{', '.join(f'{x:.2f}' for x in d['final_fids'])} | {nn} | {d['updates']} | {d['train_s_mean']:.0f}"
+                     f"{' *' if d['resumed_runs'] else ''} |")
     lines += ['', f"Real-vs-real floor of the same protocol: {s['floor']:.2f}. NN ratio: median distance of a sample to "
               "its nearest training image over that of held-out real images (about 1 = fresh, near 0 = copies).", '',
               '![FID vs FLOPs](fid_vs_flops.png) ![FID vs time](fid_vs_time.png)', '']
+    if any(d['resumed_runs'] for d in s['arms'].values()):
+        lines += ['\\* some runs of this arm were interrupted and resumed: their training time adds up the sessions and '
+                  'counts the steps re-done after the last checkpoint.', '']
     return '\n'.join(lines)
 
 

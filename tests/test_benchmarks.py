@@ -57,8 +57,9 @@ def test_transfer_setting_spends_the_same_budget_in_every_arm(tmp_path, capsys):
 def test_small_batch_control_matches_the_tokens_of_a_masked_step(tmp_path):
     eqc = _load('maskdm_equal_compute')
     out, S = tmp_path / 'out', 16
-    eqc.main(['--base', 'smoke', '--steps', str(S), '--seeds', '0', '--evals', '2', '--eval-samples', '40',
-              '--arms', 'scratch', 'small-batch', '--finetune-warmup', '2', '--out', str(out), 'model.depth=1'])
+    args = ['--base', 'smoke', '--steps', str(S), '--seeds', '0', '--evals', '2', '--eval-samples', '40',
+            '--arms', 'scratch', 'small-batch', '--finetune-warmup', '2', '--out', str(out), 'model.depth=1']
+    eqc.main(args)
     s = json.loads((out / 'summary.json').read_text())
     P, F, c, b = s['pretrain_steps'], s['finetune_steps'], s['cost_ratio_flops'], s['small_batch']
     assert b == round(32 * c) and set(s['arms']) == {'scratch', 'small-batch'}    # smoke's batch is 32
@@ -70,6 +71,28 @@ def test_small_batch_control_matches_the_tokens_of_a_masked_step(tmp_path):
     (curve,) = d['curves']                             # evaluated in both stages; ends at the budget in FLOPs
     assert len(curve) >= 3 and curve[-1][0] == pytest.approx(P * b / 32 + F)
     assert abs(P * b / 32 + F - S) <= 1
+    # a re-run into the same folder reuses the finished runs (nothing retrained) and reports the same numbers
+    logs = {q: q.read_bytes() for q in out.glob('*/metrics.jsonl')}
+    eqc.main(args)
+    assert {q: q.read_bytes() for q in out.glob('*/metrics.jsonl')} == logs
+    s2 = json.loads((out / 'summary.json').read_text())
+    assert s2['arms']['small-batch']['final_fids'] == d['final_fids'] and s2['small_batch'] == b
+    with pytest.raises(SystemExit):                   # other settings into the same folder are refused
+        eqc.main(args[:-1] + ['model.depth=2'])
+
+
+def test_training_times_add_up_sessions_and_leave_out_evaluations():
+    eqc = _load('maskdm_equal_compute')
+    recs = [{'kind': 'event', 'event': 'start', 'step': 0, 'time': 100.0},
+            {'kind': 'train', 'step': 10, 'time': 110.0},
+            {'kind': 'eval', 'step': 10, 'seconds': 3.0, 'time': 114.0},
+            {'kind': 'train', 'step': 20, 'time': 120.0},                 # interrupted here; resumed later
+            {'kind': 'event', 'event': 'resume', 'step': 20, 'time': 500.0},
+            {'kind': 'train', 'step': 30, 'time': 507.0},
+            {'kind': 'eval', 'step': 30, 'seconds': 2.0, 'time': 510.0},
+            {'kind': 'event', 'event': 'end', 'step': 30, 'time': 511.0}]
+    evals, total = eqc.training_times(recs)
+    assert [e['train_s'] for e in evals] == [11.0, 20.0 - 3.0 + 10.0 - 2.0] and total == 20.0 - 3.0 + 11.0 - 2.0
 
 
 def test_unknown_arm_is_refused(tmp_path):
