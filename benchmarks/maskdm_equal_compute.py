@@ -238,7 +238,7 @@ def main(argv=None):
 def _markdown(s, a) -> str:
     P, F = s['pretrain_steps'], s['finetune_steps']
     data = f"{a.target_images} images of `{a.base}`'s data" if a.target_images else f"`{a.base}`'s data"
-    lines = [f"# MaskDM at equal compute: setting `{a.setting}`, {len(a.seeds)} seeds", '',
+    lines = [f"# MaskDM at equal compute: setting `{a.setting}`, {len(a.seeds)} seed{'s' if len(a.seeds) > 1 else ''}", '',
              f"Target: {data}. Budget: {a.steps} unmasked training steps, matched by {a.match}. Pre-training: {P} steps "
              f"with {a.strategy} masking at ratio {a.ratio} ({s['visible_tokens']} visible tokens; a masked step costs "
              f"{s['cost_ratio_flops']:.3f} of an unmasked one in FLOPs"
