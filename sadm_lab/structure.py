@@ -59,6 +59,10 @@ def _check_batch(z: torch.Tensor, what: str = 'embeddings'):
         raise ConfigError(f"a batch structure needs at least 2 samples, got {z.shape[0]} {what}: "
                           "use a (per-device) batch of 2 or more")
 
+def _check_affinity(kind: str, tau: float):
+    if kind not in AFFINITIES: raise ConfigError(f"unknown affinity {kind!r}: one of {', '.join(AFFINITIES)}")
+    if not tau > 0: raise ConfigError(f"the affinity temperature tau must be > 0, got {tau}")
+
 def _log_rows(z: torch.Tensor, tau: float) -> torch.Tensor:
     "log of the row-softmax of cosine / tau over j != i (-inf on the diagonal)."
     zn = F.normalize(z, dim=-1)
@@ -68,9 +72,7 @@ def _log_rows(z: torch.Tensor, tau: float) -> torch.Tensor:
 def affinity(z: torch.Tensor, kind: str = 'cosine', tau: float = 1.0) -> torch.Tensor:
     """The (B, B) pair-wise affinity of embeddings z (B, dim). 'cosine' normalises z first; 'softmax' rows are
     distributions over the other samples (the diagonal is 0)."""
-    _check_batch(z)
-    if kind not in AFFINITIES: raise ConfigError(f"unknown affinity {kind!r}: one of {', '.join(AFFINITIES)}")
-    if not tau > 0: raise ConfigError(f"the affinity temperature tau must be > 0, got {tau}")
+    _check_batch(z); _check_affinity(kind, tau)
     if kind == 'gaussian':                           # exact squared distances (cdist's gradient is unsafe at 0)
         return torch.exp(-(z[:, None] - z[None]).square().sum(-1) / tau)
     if kind == 'softmax': return _log_rows(z, tau).exp()
@@ -86,10 +88,10 @@ def structural_distance(za: torch.Tensor, zb: torch.Tensor, *, kind: str = 'cosi
         raise ConfigError(f"the two batches must be index-aligned (the same samples, real and predicted): "
                           f"got {za.shape[0]} and {zb.shape[0]}")
     if p not in (1, 2): raise ConfigError(f"p must be 1 or 2, got {p}")
+    _check_affinity(kind, tau)
     n = len(za)
     off = ~torch.eye(n, dtype=torch.bool, device=za.device)
     if kind == 'softmax':
-        affinity(za, kind, tau)                      # validates kind and tau
         la, lb = _log_rows(za, tau)[off].view(n, n - 1), _log_rows(zb, tau)[off].view(n, n - 1)
         return (la.exp() * (la - lb)).sum(-1).mean()
     return (affinity(za, kind, tau) - affinity(zb, kind, tau))[off].abs().pow(p).mean()
