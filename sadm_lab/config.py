@@ -13,9 +13,9 @@ from .core import ConfigError
 
 # %% auto #0
 __all__ = ['CHOICES', 'POSITIVE', 'NON_NEGATIVE', 'PRESETS', 'RESUMABLE', 'DataConfig', 'ModelConfig', 'DiffusionConfig',
-           'MaskConfig', 'TrainConfig', 'SampleConfig', 'EvalConfig', 'RunConfig', 'validate', 'all_keys', 'get_value',
-           'parse_value', 'set_value', 'apply_overrides', 'from_dict', 'load_config', 'flatten', 'get_config',
-           'config_diff', 'check_resumable']
+           'MaskConfig', 'SadmConfig', 'TrainConfig', 'SampleConfig', 'EvalConfig', 'RunConfig', 'validate', 'all_keys',
+           'get_value', 'parse_value', 'set_value', 'apply_overrides', 'from_dict', 'load_config', 'flatten',
+           'get_config', 'config_diff', 'check_resumable']
 
 # %% ../nbs/api/01_config.ipynb #72f1621f
 @dataclass
@@ -62,6 +62,33 @@ class MaskConfig:
     reset_ema: bool = True               # restart the EMA from the pre-trained weights when fine-tuning starts
     mae_weight: float = 0.0              # MaskDiT's auxiliary reconstruction (MAE) loss weight on the masked tokens
                                          # (0.1 in the paper); only for MaskDiT presets, which predict every token
+
+@dataclass
+class SadmConfig:
+    enabled: bool = False                # SADM: a structure discriminator and the denoiser's adversarial structure term
+    weight: float = 0.1                  # lambda, the structure term's weight (0 = the discriminator trains and logs,
+                                         # the denoiser's updates stay plain denoising training, bit for bit)
+    warmup_steps: int = 100              # lambda ramps linearly from 0 over these steps after start_step
+    start_step: int = 0                  # the term starts here (after masked pre-training, or later in a run)
+    omega: str = 'constant'              # omega(t) for t < t_max*T: 'constant' 1, 'snr' SNR/(1+SNR), 'dsm' the denoising
+                                         # loss's x0-space weight capped at omega_cap (divided by it)
+    t_max: float = 0.5                   # the term only sees predictions at t < t_max*T (high-noise x0-hat is a blur)
+    omega_cap: float = 5.0               # cap of omega='dsm'
+    affinity: str = 'cosine'             # pair-wise affinity in the encoder's space: 'cosine', 'gaussian' or 'softmax'
+    tau: float = 1.0                     # temperature of 'gaussian' and 'softmax'
+    p: int = 1                           # distance over affinity entries: 1 (L1) or 2 (squared L2); softmax uses KL
+    x0_clip: float = 2.0                 # predictions clamped to +-x0_clip before the encoder (data lie in [-1, 1])
+    encoder_dim: int = 64                # embedding size of the structure encoder
+    encoder_width: int = 32              # channels of its conv net / half the width of its MLP
+    time_cond: bool = False              # condition the encoder on the timestep
+    spectral_norm: bool = False          # spectral normalisation on the encoder's layers
+    r1_gamma: float = 0.0                # R1 penalty gamma/2 * E|grad_x0 D|^2 on the encoder (0 = off)
+    d_lr: float = 1e-4                   # encoder (discriminator) AdamW learning rate, its own optimiser
+    d_beta1: float = 0.5                 # encoder AdamW beta1 (beta2 0.999)
+    d_steps: int = 1                     # discriminator updates per generator step (0 = a fixed random encoder)
+    d_every: int = 1                     # discriminator updates every this many generator steps
+    global_batch: bool = False           # under data parallelism: structure over the gathered global batch
+    heldout_size: int = 64               # held-out images for the logged structure distance (0 = off)
 
 @dataclass
 class TrainConfig:
@@ -112,6 +139,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
+    sadm: SadmConfig = field(default_factory=SadmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -133,11 +161,15 @@ CHOICES = {
     'train.lr_schedule': ('constant', 'cosine'),
     'sample.sampler': ('ddpm', 'ddim', 'dpmpp_2m'),
     'eval.features': ('classifier', 'inception'),
+    'sadm.omega': ('constant', 'snr', 'dsm'),
+    'sadm.affinity': ('cosine', 'gaussian', 'softmax'),
+    'sadm.p': (1, 2),
 }
 POSITIVE = ('diffusion.timesteps', 'train.steps', 'train.batch_size', 'train.grad_accum', 'train.log_every',
             'train.ckpt_every', 'train.keep_checkpoints', 'sample.steps', 'sample.grid_size', 'sample.batch_size',
             'eval.num_samples', 'data.resolution', 'data.max_images')
-NON_NEGATIVE = ('mask.mae_weight', 'train.warmup_steps', 'train.weight_decay', 'train.grad_clip', 'train.sample_every', 'train.eval_every',
+NON_NEGATIVE = ('sadm.weight', 'sadm.warmup_steps', 'sadm.start_step', 'sadm.r1_gamma', 'sadm.d_steps', 'sadm.heldout_size',
+                'mask.mae_weight', 'train.warmup_steps', 'train.weight_decay', 'train.grad_clip', 'train.sample_every', 'train.eval_every',
                 'train.lr', 'sample.eta')
 
 def _sections(cfg: RunConfig):
@@ -199,6 +231,17 @@ def validate(cfg: RunConfig) -> RunConfig:
         close = difflib.get_close_matches(cfg.model.preset, presets, n=3)
         errs.append(f"model.preset={cfg.model.preset!r} is not a known preset"
                     + (f" (did you mean {', '.join(close)}?)" if close else f"; known: {', '.join(presets)}"))
+    sd = cfg.sadm
+    for key in ('sadm.tau', 'sadm.omega_cap', 'sadm.x0_clip', 'sadm.d_lr', 'sadm.encoder_dim', 'sadm.encoder_width', 'sadm.d_every'):
+        if not get_value(cfg, key) > 0: errs.append(f"{key}={get_value(cfg, key)!r} must be > 0")
+    if not 0 < sd.t_max <= 1: errs.append(f"sadm.t_max={sd.t_max!r} must be in (0, 1] (a fraction of diffusion.timesteps)")
+    if not 0 <= sd.d_beta1 < 1: errs.append(f"sadm.d_beta1={sd.d_beta1!r} must be in [0, 1)")
+    if sd.heldout_size == 1: errs.append("sadm.heldout_size=1: a structure needs at least 2 images (0 = off)")
+    if sd.enabled and cfg.mask.strategy != 'none' and not (cfg.mask.pretrain_steps and sd.start_step >= cfg.mask.pretrain_steps):
+        errs.append(f"sadm.enabled with mask.strategy={cfg.mask.strategy!r}: the structure term needs whole-image predictions, "
+                    "so start it after masked pre-training (mask.pretrain_steps > 0 and sadm.start_step >= mask.pretrain_steps)")
+    if sd.enabled and sd.start_step >= cfg.train.steps:
+        errs.append(f"sadm.start_step={sd.start_step} is not before train.steps={cfg.train.steps}: the term would never run")
     if errs: raise ConfigError('invalid config:\n  ' + '\n  '.join(errs))
     return cfg
 

@@ -14,8 +14,8 @@ from .core import ConfigError
 from .models.layers import timestep_embedding
 
 # %% auto #0
-__all__ = ['AFFINITIES', 'StructureEncoder', 'affinity', 'structural_distance', 'frozen', 'discriminator_loss',
-           'generator_structure_loss']
+__all__ = ['AFFINITIES', 'OMEGAS', 'StructureEncoder', 'affinity', 'structural_distance', 'frozen', 'discriminator_loss',
+           'generator_structure_loss', 'gather_keep_grad', 'StructureTerm']
 
 # %% ../nbs/api/11_structure.ipynb #42a731da
 class StructureEncoder(nn.Module):
@@ -80,9 +80,11 @@ def affinity(z: torch.Tensor, kind: str = 'cosine', tau: float = 1.0) -> torch.T
     return zn @ zn.T
 
 def structural_distance(za: torch.Tensor, zb: torch.Tensor, *, kind: str = 'cosine', tau: float = 1.0,
-                        p: int = 1) -> torch.Tensor:
+                        p: int = 1, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Distance between the structures of two index-aligned batches of embeddings (scalar, >= 0; 0 for equal
-    batches): the mean |S(a)_ij - S(b)_ij|^p over i != j, or for 'softmax' the mean over rows of KL(P(a)_i || P(b)_i)."""
+    batches): the mean |S(a)_ij - S(b)_ij|^p over i != j, or for 'softmax' the mean over rows of KL(P(a)_i || P(b)_i).
+    `weights` (B,) >= 0 weigh pair (i, j) by sqrt(w_i w_j) (softmax: row i by w_i); the mean still divides by the
+    number of pairs (rows), so constant weights c give c times the unweighted distance."""
     _check_batch(za, 'embeddings a'); _check_batch(zb, 'embeddings b')
     if za.shape[0] != zb.shape[0]:
         raise ConfigError(f"the two batches must be index-aligned (the same samples, real and predicted): "
@@ -90,11 +92,18 @@ def structural_distance(za: torch.Tensor, zb: torch.Tensor, *, kind: str = 'cosi
     if p not in (1, 2): raise ConfigError(f"p must be 1 or 2, got {p}")
     _check_affinity(kind, tau)
     n = len(za)
+    if weights is not None and tuple(weights.shape) != (n,):
+        raise ConfigError(f"weights must have shape ({n},), one per sample, got {tuple(weights.shape)}")
     off = ~torch.eye(n, dtype=torch.bool, device=za.device)
     if kind == 'softmax':
         la, lb = _log_rows(za, tau)[off].view(n, n - 1), _log_rows(zb, tau)[off].view(n, n - 1)
-        return (la.exp() * (la - lb)).sum(-1).mean()
-    return (affinity(za, kind, tau) - affinity(zb, kind, tau))[off].abs().pow(p).mean()
+        kl = (la.exp() * (la - lb)).sum(-1)
+        return (kl if weights is None else kl * weights.to(kl.dtype)).mean()
+    diff = (affinity(za, kind, tau) - affinity(zb, kind, tau)).abs().pow(p)
+    if weights is not None:
+        w = weights.to(diff.dtype)
+        diff = diff * (w[:, None] * w[None]).sqrt()
+    return diff[off].mean()
 
 # %% ../nbs/api/11_structure.ipynb #731d817c
 @contextlib.contextmanager
@@ -117,3 +126,117 @@ def generator_structure_loss(encoder: nn.Module, x0: torch.Tensor, x0_hat: torch
     "The denoiser's structure term: the structural distance, with the encoder frozen and x0 a constant."
     with frozen(encoder):
         return structural_distance(encoder(x0.detach(), t), encoder(x0_hat, t), **kw)
+
+# %% ../nbs/api/11_structure.ipynb #d6d6c215
+OMEGAS = ('constant', 'snr', 'dsm')
+
+def gather_keep_grad(x: torch.Tensor) -> torch.Tensor:
+    """All processes' `x` concatenated in rank order (dim 0); only this process's slice carries gradient.
+    The identity when torch.distributed is not initialised (one process)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+def _world_size() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+class StructureTerm:
+    """SADM's adversarial structure term: λ schedule, ω(t), the discriminator update and the generator term (see above).
+    `diffusion` supplies the SNR table and the denoising loss weight for ω; the remaining options are the `sadm.*`
+    config keys of the same names."""
+    def __init__(self, diffusion, *, weight: float = 0.05, warmup_steps: int = 0, start_step: int = 0,
+                 omega: str = 'constant', t_max: float = 0.5, omega_cap: float = 5.0, affinity: str = 'cosine',
+                 tau: float = 1.0, p: int = 1, x0_clip: float = 2.0, d_steps: int = 1, d_every: int = 1,
+                 r1_gamma: float = 0.0, global_batch: bool = False):
+        if omega not in OMEGAS: raise ConfigError(f"unknown omega {omega!r}: one of {', '.join(OMEGAS)}")
+        _check_affinity(affinity, tau)
+        if p not in (1, 2): raise ConfigError(f"p must be 1 or 2, got {p}")
+        if not 0 < t_max <= 1: raise ConfigError(f"t_max is a fraction of the diffusion steps in (0, 1], got {t_max}")
+        for k, v in dict(weight=weight, warmup_steps=warmup_steps, start_step=start_step, d_steps=d_steps, r1_gamma=r1_gamma).items():
+            if not v >= 0: raise ConfigError(f"{k} must be >= 0, got {v}")
+        if not d_every >= 1: raise ConfigError(f"d_every must be >= 1, got {d_every}")
+        if not (x0_clip > 0 and omega_cap > 0): raise ConfigError(f"x0_clip and omega_cap must be > 0, got {x0_clip}, {omega_cap}")
+        self.diffusion = diffusion
+        self.weight, self.warmup_steps, self.start_step = float(weight), int(warmup_steps), int(start_step)
+        self.omega_kind, self.t_max, self.omega_cap = omega, float(t_max), float(omega_cap)
+        self.kw = dict(kind=affinity, tau=float(tau), p=int(p))
+        self.x0_clip, self.d_steps, self.d_every, self.r1_gamma = float(x0_clip), int(d_steps), int(d_every), float(r1_gamma)
+        self.global_batch = global_batch
+
+    def active(self, step: int) -> bool: return step >= self.start_step
+
+    def lam(self, step: int) -> float:
+        "λ at optimiser step `step`: 0 before start_step, then a linear ramp to `weight` over warmup_steps."
+        if step < self.start_step: return 0.0
+        if self.warmup_steps == 0: return self.weight
+        return self.weight * min(1.0, (step - self.start_step + 1) / self.warmup_steps)
+
+    def omega(self, t: torch.Tensor) -> torch.Tensor:
+        "ω(t) per sample, float32 (B,): 0 from t_max·T on, else as `omega` says."
+        d = self.diffusion
+        keep = t < self.t_max * d.num_timesteps
+        if self.omega_kind == 'constant': w = torch.ones(t.shape, dtype=torch.float64, device=t.device)
+        else:
+            snr = d.snr(t).to(t.device)
+            if self.omega_kind == 'snr': w = snr / (1 + snr)
+            else:
+                to_x0 = {'eps': snr, 'v': snr + 1, 'x0': torch.ones_like(snr)}[d.prediction]
+                w = (d.loss_weight(t).to(t.device) * to_x0).clamp(max=self.omega_cap) / self.omega_cap
+        return torch.where(keep, w, torch.zeros_like(w)).float()
+
+    def distance(self, encoder: nn.Module, x0: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor,
+                 w: torch.Tensor | None = None, *, gather: bool | None = None) -> tuple[torch.Tensor, int]:
+        """(D_ω, n): the distance between real x0 and predictions x0_hat (index-aligned, timesteps t) in `encoder`'s
+        space and the number of samples it covers; over the global batch when `gather` (default: `global_batch`), then
+        times the process count (see above). With n < 2 the value is a 0 still connected to the graph, so every process
+        runs the same backward passes under DDP."""
+        w = self.omega(t) if w is None else w
+        keep = w > 0
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        x0_hat = torch.where(keep.view(shape), x0_hat.float().clamp(-self.x0_clip, self.x0_clip), x0.float())
+        with torch.autocast(device_type=x0.device.type, enabled=False):      # a small net: fp32 whatever the denoiser runs in
+            z = encoder(torch.cat([x0.float(), x0_hat]), torch.cat([t, t]))
+        za, zb = z.chunk(2)
+        scale = 1
+        if (self.global_batch if gather is None else gather) and _world_size() > 1:
+            za, zb, w, scale = gather_keep_grad(za), gather_keep_grad(zb), gather_keep_grad(w), _world_size()
+            keep = w > 0
+        n = int(keep.sum())
+        if n < 2: return z.sum() * 0, n
+        return scale * structural_distance(za[keep], zb[keep], weights=w[keep], **self.kw), n
+
+    def d_due(self, step: int) -> bool: return self.active(step) and self.d_steps > 0 and step % self.d_every == 0
+
+    @torch.enable_grad()
+    def d_update(self, encoder: nn.Module, optimizer: torch.optim.Optimizer, x0: torch.Tensor, x0_hat: torch.Tensor,
+                 t: torch.Tensor, *, grad_clip: float = 0.0) -> dict:
+        """`d_steps` discriminator updates on one batch: maximise D_ω(E(x0), E(sg(x̂0))) (+ R1: γ/2·E‖∇_x0 D‖²).
+        Returns `d_obj`, D before the last update (absent when fewer than 2 samples count), and `r1`."""
+        out = {}
+        x0_hat, w = x0_hat.detach(), self.omega(t)
+        scale = _world_size() if self.global_batch else 1
+        for _ in range(self.d_steps):
+            xr = x0.detach().float().requires_grad_(self.r1_gamma > 0)
+            d, n = self.distance(encoder, xr, x0_hat, t, w)
+            loss = -d
+            if self.r1_gamma > 0 and n >= 2:
+                g, = torch.autograd.grad(d / scale, xr, create_graph=True)
+                r1 = g.pow(2).flatten(1).sum(1).mean()
+                loss = loss + self.r1_gamma / 2 * r1
+                out['r1'] = r1.detach()
+            loss.backward()
+            if grad_clip > 0: torch.nn.utils.clip_grad_norm_(encoder.parameters(), grad_clip)
+            optimizer.step(); optimizer.zero_grad(set_to_none=True)
+            if n >= 2: out['d_obj'] = d.detach() / scale
+        return out
+
+    def g_term(self, encoder: nn.Module, x0: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor,
+               *, grad: bool = True) -> tuple[torch.Tensor, int]:
+        """(D_ω, n) for the denoiser: the encoder frozen, gradient to x̂0 only; `grad=False` computes it for the
+        logs alone (λ = 0)."""
+        with frozen(encoder), torch.set_grad_enabled(grad):
+            return self.distance(encoder, x0.detach(), x0_hat, t)

@@ -287,6 +287,7 @@ class Trainer:
         opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
         self._net = net                            # the bare network: EMA, checkpoints and sampling use it
         self.model, self.opt = self.acc.prepare(net, opt)   # DDP-wrapped under accelerate launch
+        self._build_sadm()
         if tc.compile: self.model = torch.compile(self.model)
         self.step = 0
         self.stream = BatchStream(len(self.data), tc.batch_size, seed=tc.seed, rank=self.acc.process_index,
@@ -339,9 +340,67 @@ class Trainer:
         "Finish the current step, write a checkpoint and return from `fit()`."
         self._stop = True
 
+    # -- SADM ------------------------------------------------------------------------------------------
+    def _build_sadm(self):
+        "The structure discriminator (encoder, its own AdamW, a frozen copy of its initial weights) and `StructureTerm`."
+        sd, tc = self.cfg.sadm, self.cfg.train
+        self.sadm = None
+        if not sd.enabled: return
+        from sadm_lab.structure import StructureEncoder, StructureTerm
+        micro = tc.batch_size // (self.acc.num_processes * tc.grad_accum)
+        if micro < 2 and not sd.global_batch:
+            raise ConfigError(f"sadm needs at least 2 images per micro-batch to have a structure, got {micro} "
+                              f"(train.batch_size={tc.batch_size} over {self.acc.num_processes} processes x "
+                              f"train.grad_accum={tc.grad_accum}); raise the batch or use sadm.global_batch=true")
+        with torch.random.fork_rng(devices=[]):     # its own seed: the denoiser's initial weights stay those of plain training
+            torch.manual_seed(tc.seed + 7_777)
+            enc = StructureEncoder(tuple(self.data.images.shape[1:]), dim=sd.encoder_dim, width=sd.encoder_width,
+                                   time_cond=sd.time_cond, spectral_norm=sd.spectral_norm).to(self.device)
+        self.encoder_fixed = deepcopy(enc).requires_grad_(False)   # a fixed ruler for the held-out structure distance
+        self.d_opt = torch.optim.AdamW(enc.parameters(), lr=sd.d_lr, betas=(sd.d_beta1, 0.999), weight_decay=0.0)
+        self._encoder = enc
+        self.encoder = self.acc.prepare_model(enc) if self.acc.num_processes > 1 else enc   # DDP averages its gradients
+        self.sadm = StructureTerm(self.diffusion, weight=sd.weight, warmup_steps=sd.warmup_steps, start_step=sd.start_step,
+                                  omega=sd.omega, t_max=sd.t_max, omega_cap=sd.omega_cap, affinity=sd.affinity, tau=sd.tau,
+                                  p=sd.p, x0_clip=sd.x0_clip, d_steps=sd.d_steps, d_every=sd.d_every,
+                                  r1_gamma=sd.r1_gamma, global_batch=sd.global_batch)
+
+    def sadm_heldout_batch(self):
+        """(x0, y, t, noise) for the logged held-out structure distance: the first `sadm.heldout_size` test images
+        (training images if the dataset has no test split), timesteps spread evenly over [0, t_max·T), fixed noise."""
+        if not hasattr(self, '_sadm_held'):
+            sd, n = self.cfg.sadm, self.cfg.sadm.heldout_size
+            held = self.heldout() or self.data
+            n = min(n, len(held))
+            x0 = held.images[:n].to(self.device)
+            y = held.labels[:n].to(self.device) if (held.labels is not None and self.unwrapped.num_classes > 0) else None
+            T = self.diffusion.num_timesteps
+            t = torch.linspace(0, sd.t_max * T - 1, n).long().clamp(0, T - 1).to(self.device)
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2024)).to(self.device)
+            self._sadm_held = (x0, y, t, noise)
+        return self._sadm_held
+
+    @torch.no_grad()
+    def sadm_heldout_distance(self) -> dict:
+        """Structure distance between held-out images and the denoiser's one-step predictions of them, under the
+        current encoder (`heldout_struct`) and under the frozen initial one (`heldout_struct_fixed`, a ruler that
+        does not move with the game). Main process, this process's model, no gathering."""
+        if self.sadm is None or self.cfg.sadm.heldout_size < 2: return {}
+        x0, y, t, noise = self.sadm_heldout_batch()
+        net = self.unwrapped
+        was = net.training
+        net.eval()
+        pred = self.diffusion.training_losses(net, x0, y=y, t=t, noise=noise)['pred_x0']
+        net.train(was)
+        cur, n = self.sadm.distance(self._encoder, x0, pred, t, gather=False)
+        fixed, _ = self.sadm.distance(self.encoder_fixed, x0, pred, t, gather=False)
+        return {'heldout_struct': float(cur), 'heldout_struct_fixed': float(fixed)} if n >= 2 else {}
+
     # -- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {'format': 'sadm_lab-ckpt-1', 'step': self.step, 'config': self.cfg.to_dict(),
+                'sadm': None if self.sadm is None else {'encoder': self._encoder.state_dict(), 'optimizer': self.d_opt.state_dict(),
+                                                        'encoder_fixed': self.encoder_fixed.state_dict()},
                 'model': self.unwrapped.state_dict(), 'ema': self.ema.state_dict() if self.ema else None,
                 'optimizer': self.opt.state_dict(),
                 'scaler': self.acc.scaler.state_dict() if getattr(self.acc, 'scaler', None) is not None else None,
@@ -370,7 +429,13 @@ class Trainer:
         load_weights(self.unwrapped, ck['model'], source=str(path))
         if self.ema is not None and ck.get('ema') is not None:
             load_weights(self.ema, ck['ema'], source=f"{path} (EMA)")
+        if self.sadm is not None:
+            if not isinstance(ck.get('sadm'), dict):
+                raise CheckpointError(f"{path} has no structure discriminator state, but this run has sadm.enabled")
+            load_weights(self._encoder, ck['sadm']['encoder'], source=f"{path} (structure encoder)")
+            load_weights(self.encoder_fixed, ck['sadm']['encoder_fixed'], source=f"{path} (fixed structure encoder)")
         try:
+            if self.sadm is not None: self.d_opt.load_state_dict(ck['sadm']['optimizer'])
             self.opt.load_state_dict(ck['optimizer'])
             self.step = int(ck['step'])
             if ck.get('scaler') is not None and getattr(self.acc, 'scaler', None) is not None:
@@ -431,7 +496,8 @@ class Trainer:
 
     @torch.enable_grad()   # even if the caller (e.g. a notebook) switched gradients off globally
     def train_step(self) -> dict:
-        "One optimiser step over `grad_accum` micro-batches; returns the local mean loss and grad norm."
+        """One optimiser step over `grad_accum` micro-batches; returns the local mean denoising loss and grad norm, and
+        with SADM the structure terms (see the section *SADM in the step* below)."""
         tc, step, start = self.cfg.train, self.step, self.finetune_start
         if start is not None and step >= start:     # fine-tuning: its own warm-up and peak, counted from the switch
             lr = lr_at(step - start, lr=self.cfg.mask.finetune_lr or tc.lr, warmup_steps=self.cfg.mask.finetune_warmup_steps,
@@ -440,8 +506,10 @@ class Trainer:
             lr = lr_at(step, lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=start or tc.steps, schedule=tc.lr_schedule)
         for g in self.opt.param_groups: g['lr'] = lr
         self.model.train()
-        total = 0.0
+        total, extra = 0.0, {}
         null = self.unwrapped.num_classes
+        sadm = self.sadm if (self.sadm is not None and self.sadm.active(step)) else None
+        lam = sadm.lam(step) if sadm else 0.0
         for micro in range(tc.grad_accum):
             idx = self.stream.indices(step, micro)
             x0 = self.data.images[idx].to(self.device, non_blocking=True)
@@ -457,14 +525,30 @@ class Trainer:
                     out = self.diffusion.training_losses(self.model, x0, y=y, generator=gen, keep_idx=keep_idx,
                                                          net=self.unwrapped, mae_weight=self.cfg.mask.mae_weight)
                 loss = out['loss'].float().mean()
+                total += loss.detach() / tc.grad_accum
+                if sadm is not None and keep_idx is None:
+                    extra = self._sadm_micro(sadm, x0, out, lam, step, extra, tc.grad_accum)
+                    if lam > 0: loss = loss + lam * extra.pop('_g')
+                    else: extra.pop('_g', None)
                 self.acc.backward(loss / tc.grad_accum)
-            total += loss.detach() / tc.grad_accum
         gnorm = self.acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float('inf'))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None: self.ema.update(self.unwrapped)
         self.step += 1
-        return {'loss': total, 'grad_norm': gnorm.detach() if torch.is_tensor(gnorm) else torch.tensor(float(gnorm)), 'lr': lr}
+        return {'loss': total, 'grad_norm': gnorm.detach() if torch.is_tensor(gnorm) else torch.tensor(float(gnorm)), 'lr': lr,
+                **({'lambda': lam, **extra} if sadm is not None else {})}
+
+    def _sadm_micro(self, sadm, x0, out, lam, step, extra, accum) -> dict:
+        "One micro-batch of SADM: discriminator update(s) on sg(x̂0), then the generator term (returned as `_g`)."
+        x0_hat, t = out['pred_x0'], out['t']
+        if sadm.d_due(step):
+            d = sadm.d_update(self.encoder, self.d_opt, x0, x0_hat, t, grad_clip=self.cfg.train.grad_clip)
+            for k, v in d.items(): extra[k] = extra.get(k, 0.0) + v / accum
+        g, n = sadm.g_term(self._encoder, x0, x0_hat, t, grad=lam > 0)
+        if n >= 2: extra['g_struct'] = extra.get('g_struct', 0.0) + g.detach() / (accum * (self.acc.num_processes if sadm.global_batch else 1))
+        extra['_g'] = g
+        return extra
 
     # -- samples and evaluation ------------------------------------------------------------------------
     def sample_images(self, n: int, *, seed: int = 1234, progress: bool = False, ema: bool = True) -> torch.Tensor:
@@ -537,6 +621,7 @@ class Trainer:
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (self.progress and self.is_main),
                    desc=self.cfg.name, unit='step', dynamic_ncols=True)
         window_loss, window_n, t_last, imgs_since = 0.0, 0, time.perf_counter(), 0
+        win = {}                                   # SADM terms: key -> (sum, count) since the last log line
         try:
             while self.step < tc.steps and not self._stop:
                 if self.step == self.finetune_start: self.start_finetuning()
@@ -546,6 +631,8 @@ class Trainer:
                     self._stop = bool(self.acc.reduce(flag, reduction='sum') > 0)
                 imgs_since += tc.batch_size
                 window_loss += out['loss']; window_n += 1
+                for k in ('g_struct', 'd_obj', 'r1'):
+                    if k in out: a, c = win.get(k, (0.0, 0)); win[k] = (a + out[k], c + 1)
                 bar.update(1)
                 logs = None
                 if self._due(tc.log_every) or self.step == tc.steps:
@@ -556,7 +643,15 @@ class Trainer:
                             'grad_norm': float(out['grad_norm']), 'img_per_s': imgs_since / dt if dt > 0 else None,
                             'epoch': round(self.stream.epoch(self.step), 3),
                             'mem_mb': round(_peak_memory_mb(self.device), 1), 'time': time.time()}
+                    if self.sadm is not None and self.sadm.active(self.step - 1):
+                        logs['lambda'] = out.get('lambda')
+                        keys = ('g_struct', 'd_obj', 'r1')   # one reduction of fixed shape: every process takes part
+                        sums = torch.tensor([float(win.get(k, (0.0, 0))[i]) for k in keys for i in (0, 1)], device=self.device)
+                        sums = self.acc.reduce(sums, reduction='sum').view(-1, 2).tolist()
+                        logs.update({k: a / c for k, (a, c) in zip(keys, sums) if c > 0})
+                        if self.is_main: logs.update(self.sadm_heldout_distance())
                     window_loss, window_n, t_last, imgs_since = 0.0, 0, time.perf_counter(), 0
+                    win = {}
                     if self.is_main:
                         self.run.append_metrics(logs)
                         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{logs['img_per_s']:.0f}", refresh=False)
