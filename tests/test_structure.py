@@ -1,0 +1,153 @@
+"SADM in the trainer: λ = 0 is plain training bit for bit, the minimax updates, resume, fine-tuning, logs, 2 processes."
+import json, os, subprocess, sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sadm_lab.config import get_config
+from sadm_lab.core import CheckpointError, ConfigError
+from sadm_lab.train import Trainer, RunDir
+
+FAST = ['train.device=cpu', 'eval.enabled=false', 'train.sample_every=0', 'sample.grid_size=4', 'sample.steps=2',
+        'train.log_every=2', 'train.ckpt_every=4', 'train.steps=8']
+SADM = ['sadm.enabled=true', 'sadm.warmup_steps=2', 'sadm.heldout_size=16', 'sadm.d_lr=1e-3']
+
+
+def _cfg(*over):
+    return get_config('smoke', FAST + list(over))
+
+
+def _weights(tr):
+    return {k: v.clone() for k, v in tr.unwrapped.state_dict().items()}
+
+
+def _train_logs(path):
+    return [r for r in RunDir(path).read_metrics() if r['kind'] == 'train']
+
+
+def test_lambda_zero_is_plain_training_bit_for_bit(tmp_path):
+    plain = Trainer(_cfg(), tmp_path / 'plain', progress=False)
+    w_init = _weights(plain)
+    plain.fit()
+    zero = Trainer(_cfg(*SADM, 'sadm.weight=0'), tmp_path / 'zero', progress=False)
+    assert all(torch.equal(w_init[k], v) for k, v in _weights(zero).items())    # same initial denoiser
+    enc0 = {k: v.clone() for k, v in zero._encoder.state_dict().items()}
+    zero.fit()
+    for k, v in _weights(plain).items(): assert torch.equal(v, zero.unwrapped.state_dict()[k]), k
+    for k, v in plain.ema.state_dict().items(): assert torch.equal(v, zero.ema.state_dict()[k]), k
+    assert [r['loss'] for r in _train_logs(tmp_path / 'plain')] == [r['loss'] for r in _train_logs(tmp_path / 'zero')]
+    # ...while the discriminator did train and the structure terms were logged
+    assert any(not torch.equal(v, zero._encoder.state_dict()[k]) for k, v in enc0.items())
+    last = _train_logs(tmp_path / 'zero')[-1]
+    assert last['lambda'] == 0 and last['g_struct'] > 0 and last['d_obj'] > 0
+    assert last['heldout_struct'] > 0 and last['heldout_struct_fixed'] > 0
+
+
+def test_lambda_positive_moves_the_denoiser_and_the_encoder_learns(tmp_path):
+    plain = Trainer(_cfg(*SADM, 'sadm.weight=0'), tmp_path / 'a', progress=False).fit()
+    sadm = Trainer(_cfg(*SADM, 'sadm.weight=1', 'sadm.warmup_steps=4'), tmp_path / 'b', progress=False).fit()
+    assert any(not torch.equal(v, sadm.unwrapped.state_dict()[k]) for k, v in _weights(plain).items())
+    logs = _train_logs(tmp_path / 'b')
+    assert [r['lambda'] for r in logs] == [0.5, 1.0, 1.0, 1.0]      # λ of the last step logged at 2, 4, 6, 8: ramp over 4
+    # the fixed random encoder ablation: d_steps=0 never changes the encoder
+    fixed = Trainer(_cfg(*SADM, 'sadm.d_steps=0'), tmp_path / 'c', progress=False)
+    e0 = {k: v.clone() for k, v in fixed._encoder.state_dict().items()}
+    fixed.fit()
+    assert all(torch.equal(v, fixed._encoder.state_dict()[k]) for k, v in e0.items())
+    assert 'd_obj' not in _train_logs(tmp_path / 'c')[-1]
+
+
+def test_discriminator_widens_the_gap_it_is_trained_on(tmp_path):
+    # a frozen denoiser (train.lr=0): only the encoder learns, and it drives up the distance it maximises
+    Trainer(_cfg(*SADM, 'sadm.weight=0', 'train.steps=30', 'sadm.d_lr=3e-3', 'train.log_every=1', 'train.lr=0'),
+            tmp_path / 'r', progress=False).fit()
+    d = [r['d_obj'] for r in _train_logs(tmp_path / 'r')]
+    assert sum(d[-5:]) / 5 > 10 * d[0], d
+
+
+def test_sadm_resume_is_exact(tmp_path):
+    full = Trainer(_cfg(*SADM), tmp_path / 'full', progress=False).fit()
+    Trainer(_cfg(*SADM, 'train.steps=4'), tmp_path / 'part', progress=False).fit()
+    res = Trainer(_cfg(*SADM), tmp_path / 'part', resume=True, progress=False)
+    assert res.step == 4
+    res.fit()
+    for k, v in full.unwrapped.state_dict().items(): assert torch.equal(v, res.unwrapped.state_dict()[k]), k
+    for k, v in full._encoder.state_dict().items(): assert torch.equal(v, res._encoder.state_dict()[k]), k
+    la, lb = _train_logs(tmp_path / 'full'), _train_logs(tmp_path / 'part')
+    assert [(r['loss'], r['g_struct'], r['d_obj']) for r in la] == [(r['loss'], r['g_struct'], r['d_obj']) for r in lb]
+
+
+def test_sadm_finetunes_from_a_plain_run_and_checks_what_it_loads(tmp_path):
+    base = Trainer(_cfg(), tmp_path / 'base', progress=False).fit()
+    ft = Trainer(_cfg(*SADM, f'train.init_from={tmp_path / "base"}'), tmp_path / 'ft', progress=False)
+    for k, v in base.unwrapped.state_dict().items(): assert torch.equal(v, ft.unwrapped.state_dict()[k]), k
+    ft.fit()
+    assert _train_logs(tmp_path / 'ft')[-1]['g_struct'] > 0
+    # a checkpoint without discriminator state cannot be resumed as an SADM run
+    ck = torch.load(RunDir(tmp_path / 'ft').latest_checkpoint(), weights_only=True)
+    ck['sadm'] = None
+    torch.save(ck, tmp_path / 'bad.pt')
+    with pytest.raises(CheckpointError, match='no structure discriminator state'):
+        ft.load_checkpoint(tmp_path / 'bad.pt')
+
+
+def test_sadm_starts_after_masked_pretraining(tmp_path):
+    over = ['mask.strategy=patch', 'mask.ratio=0.5', 'mask.pretrain_steps=4', 'sadm.start_step=4']
+    tr = Trainer(_cfg(*SADM, *over), tmp_path / 'r', progress=False).fit()
+    logs = _train_logs(tmp_path / 'r')
+    assert ['g_struct' in r for r in logs] == [False, False, True, True]
+    assert [r['mask_ratio'] for r in logs] == [0.5, 0.5, 0.0, 0.0]
+    assert tr.step == 8
+
+
+def test_sadm_bad_settings_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match='at least 2 images per micro-batch'):
+        Trainer(_cfg(*SADM, 'train.batch_size=2', 'train.grad_accum=2'), tmp_path / 'a', progress=False)
+    assert not (tmp_path / 'a').exists()
+    with pytest.raises(ConfigError, match='start it after masked pre-training'):
+        _cfg(*SADM, 'mask.strategy=patch', 'mask.ratio=0.5')
+    with pytest.raises(ConfigError, match="sadm.omega='snr2'"):
+        _cfg(*SADM, 'sadm.omega=snr2')
+
+
+@pytest.mark.parametrize('over', [['sadm.affinity=softmax', 'sadm.tau=0.5', 'sadm.omega=dsm', 'sadm.time_cond=true'],
+                                  ['sadm.affinity=gaussian', 'sadm.p=2', 'sadm.omega=snr', 'sadm.spectral_norm=true',
+                                   'sadm.r1_gamma=1', 'sadm.d_steps=2', 'sadm.d_every=2', 'train.grad_accum=2']])
+def test_sadm_options_train_with_finite_logs(tmp_path, over):
+    Trainer(_cfg(*SADM, *over), tmp_path / 'r', progress=False).fit()
+    last = _train_logs(tmp_path / 'r')[-1]
+    for k in ('loss', 'g_struct', 'heldout_struct', 'heldout_struct_fixed'): assert torch.isfinite(torch.tensor(last[k])), k
+    if 'sadm.r1_gamma=1' in over: assert last['r1'] > 0
+
+
+def test_bf16_autocast_with_sadm(tmp_path):
+    Trainer(_cfg(*SADM, 'train.precision=bf16'), tmp_path / 'r', progress=False).fit()
+    assert torch.isfinite(torch.tensor(_train_logs(tmp_path / 'r')[-1]['g_struct']))
+
+
+WORKER = Path(__file__).parent / 'ddp_structure_worker.py'
+
+
+@pytest.mark.slow
+def test_global_batch_structure_on_two_processes_matches_one_process(tmp_path):
+    env = {**os.environ, 'ACCELERATE_USE_CPU': '1', 'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', str(WORKER), str(tmp_path)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    outs = [tmp_path / f'rank{r}.pt' for r in (0, 1)]
+    assert all(o.is_file() for o in outs), p.stdout[-3000:] + p.stderr[-3000:]
+    r0, r1 = (torch.load(o, weights_only=True) for o in outs)
+    ref = r0['ref']
+    assert r0['world'] == r1['world'] == 2 and r0['n'] == r1['n'] == 8        # every process sees the global batch
+    for r in (r0, r1):
+        torch.testing.assert_close(r['g_value'], ref['g_value'], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(r['d_obj'], ref['d_obj'], rtol=1e-5, atol=1e-7)
+        for k in ref['g_grad']:     # DDP's averaged gradient == the one-process gradient of D over the whole batch
+            torch.testing.assert_close(r['g_grad'][k], ref['g_grad'][k], rtol=1e-4, atol=1e-7)
+        for k in ref['enc_after']:  # one discriminator step, the same as on one process
+            torch.testing.assert_close(r['enc_after'][k], ref['enc_after'][k], rtol=1e-4, atol=1e-7)
+    for k in r0['model']: assert torch.equal(r0['model'][k], r1['model'][k]), k          # the trainer kept both in sync
+    for k in r0['encoder']: assert torch.equal(r0['encoder'][k], r1['encoder'][k]), k
+    logs = _train_logs(tmp_path / 'run')
+    assert logs[-1]['g_struct'] > 0 and 'heldout_struct' in logs[-1]
