@@ -1,5 +1,5 @@
 "SADM in the trainer: λ = 0 is plain training bit for bit, the minimax updates, resume, fine-tuning, logs, 2 processes."
-import json, os, subprocess, sys
+import os, subprocess, sys
 from pathlib import Path
 
 import pytest
