@@ -56,13 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument('--seed', type=int, default=0); e.add_argument('--checkpoint'); e.add_argument('--device', default='auto')
     e.add_argument('--json', action='store_true', help='print the result as JSON')
 
-    d = sub.add_parser('demo', help='the main job: masked pre-training + fine-tuning of a tiny DiT on digits, samples, '
-                       'FID, report (~10 min on 2 CPU cores)',
-                       description="Train the digits-maskdm preset (1000 steps with 75%% of the patches masked, then 1000 "
-                       "unmasked fine-tuning steps) with FID during training, then write report.md (both stages, sample "
-                       "grids, loss and FID curves) into the run folder.")
+    d = sub.add_parser('demo', help='the main job: masked pre-training, fine-tuning and SADM fine-tuning of a tiny DiT '
+                       'on digits, samples, FID, report (~10 min on 2 CPU cores)',
+                       description="Train the digits-sadm preset (1000 steps with 75%% of the patches masked, 500 "
+                       "unmasked fine-tuning steps, then 500 steps of SADM's structure-guided adversarial fine-tuning) "
+                       "with FID during training, then write report.md (the stages compared, sample grids, loss and "
+                       "FID curves) into the run folder.")
     d.add_argument('--run-dir', default='runs/demo'); d.add_argument('--fast', action='store_true', help='a ~1 minute version')
-    d.add_argument('--unmasked', action='store_true', help='train the plain digits-dit preset instead (no masked stage)')
+    d.add_argument('--unmasked', action='store_true', help='start from the plain digits-dit preset (no masked stage)')
+    d.add_argument('--no-sadm', action='store_true', help='leave out the SADM stage')
     d.add_argument('--resume', action='store_true', help='continue an interrupted demo run')
     d.add_argument('--no-progress', action='store_true'); d.add_argument('overrides', nargs='*', metavar='key=value')
 
@@ -137,8 +139,8 @@ def cmd_eval(a) -> int:
 
 def cmd_demo(a) -> int:
     from sadm_lab.demo import run_demo
-    run_demo(a.run_dir, fast=a.fast, masked=not a.unmasked, overrides=a.overrides, resume=True if a.resume else False,
-             progress=not a.no_progress)
+    run_demo(a.run_dir, fast=a.fast, masked=not a.unmasked, sadm=not a.no_sadm, overrides=a.overrides,
+             resume=True if a.resume else False, progress=not a.no_progress)
     return 0
 
 def cmd_presets(a) -> int:

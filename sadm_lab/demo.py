@@ -13,71 +13,106 @@ from .train import RunDir, Trainer, Callback
 from .viz import plot_curves
 
 # %% auto #0
-__all__ = ['stage_table', 'write_report', 'demo_config', 'run_demo']
+__all__ = ['run_stages', 'stage_table', 'write_report', 'demo_config', 'run_demo']
 
 # %% ../nbs/api/09_demo.ipynb #081ae166
 def _fmt(v, nd=2):
     return '–' if v is None else (f'{v:.{nd}f}' if isinstance(v, float) else str(v))
 
-def stage_table(recs: list[dict], pretrain_steps: int) -> list[dict]:
-    """The two stages of a MaskDM run from its metric records: steps, mask ratios, median images/s, training time
-    (evaluations excluded; None after a resume, whose pauses the clock cannot see) and the last evaluation in each."""
+def run_stages(cfg: RunConfig) -> list[tuple[str, int]]:
+    """(name, first step index) of each stage of a run: MaskDM's masked 'pre-training' and unmasked 'fine-tuning',
+    and the 'SADM' stage from `sadm.start_step`. A single-stage run gives one entry."""
+    P = cfg.mask.pretrain_steps if cfg.mask.strategy != 'none' else 0
+    stages = [('pre-training', 0), ('fine-tuning', P)] if P else [('training', 0)]
+    S = cfg.sadm.start_step if cfg.sadm.enabled else None
+    if S: stages = [st for st in stages if st[1] < S] + [('SADM', S)]
+    elif S == 0: stages = [('SADM', 0)]                  # (validation keeps SADM after masked pre-training)
+    return stages
+
+def stage_table(recs: list[dict], stages: list[tuple[str, int]]) -> list[dict]:
+    """Per stage (see `run_stages`) from a run's metric records: steps, mask ratios, λ, median images/s, training time
+    (evaluations excluded; None after a resume, whose pauses the clock cannot see), the last evaluation and the last
+    held-out structure distance under the fixed encoder (SADM runs)."""
     train = [r for r in recs if r.get('kind') == 'train']
     evals = [r for r in recs if r.get('kind') == 'eval']
     starts = [r['time'] for r in recs if r.get('event') == 'start']
-    switch = next((r['time'] for r in recs if r.get('event') == 'stage'), None)
+    switches = {r['step']: r['time'] for r in recs if r.get('event') == 'stage'}
     resumed = any(r.get('event') == 'resume' for r in recs)
     end = max((r['time'] for r in train + evals), default=None)
-    bounds = {'pre-training': (starts[0] if starts else None, switch), 'fine-tuning': (switch, end)}
     rows = []
-    for name, (lo, hi) in bounds.items():
-        pre = name == 'pre-training'
-        tr = [r for r in train if (r['step'] <= pretrain_steps) == pre]
-        ev = [r for r in evals if (r['step'] <= pretrain_steps) == pre]
+    for k, (name, first) in enumerate(stages):
+        nxt = stages[k + 1][1] if k + 1 < len(stages) else float('inf')
+        inside = lambda r: first < r['step'] <= nxt        # a record at step s covers steps up to s
+        tr, ev = [r for r in train if inside(r)], [r for r in evals if inside(r)]
         if not tr and not ev: continue
+        lo = starts[0] if k == 0 and starts else switches.get(first)
+        hi = switches.get(nxt, end) if k + 1 < len(stages) else end
         secs = None
         if lo is not None and hi is not None and not resumed:
             secs = (hi - lo) - sum(r['seconds'] for r in evals if lo <= r['time'] <= hi)
-        ratios = sorted({round(r['mask_ratio'], 3) for r in tr if 'mask_ratio' in r})
-        steps = [r['step'] for r in tr + ev]
-        rows.append({'stage': name, 'first_step': 1 if pre else pretrain_steps + 1, 'last_step': max(steps),
+        ratios = sorted({round(r['mask_ratio'], 3) for r in tr if r.get('mask_ratio') is not None})
+        lams = sorted({r['lambda'] for r in tr if r.get('lambda') is not None})
+        held = [r['heldout_struct_fixed'] for r in tr if r.get('heldout_struct_fixed') is not None]
+        rows.append({'stage': name, 'first_step': first + 1, 'last_step': max(r['step'] for r in tr + ev),
                      'mask_ratio': (ratios[-1], ratios[0]) if ratios else None,
+                     'lambda': (lams[0], lams[-1]) if lams else None,
                      'img_per_s': statistics.median(r['img_per_s'] for r in tr) if tr else None,
-                     'train_s': secs, 'eval': ev[-1] if ev else None})
+                     'train_s': secs, 'eval': ev[-1] if ev else None, 'heldout_struct_fixed': held[-1] if held else None})
     return rows
 
+def _range(v, fmt='g'):
+    return '–' if v is None else (f"{v[0]:{fmt}}" if v[0] == v[1] else f"{v[0]:{fmt}} → {v[1]:{fmt}}")
+
 def _stage_lines(run, cfg, recs) -> list[str]:
-    P = cfg.mask.pretrain_steps
-    rows = stage_table(recs, P)
-    mask = (f"{cfg.mask.strategy} masking" + (f" at ratio {cfg.mask.ratio}" if cfg.mask.strategy != 'crop' else
-                                              f", one visible {cfg.mask.crop_size}x{cfg.mask.crop_size} window"))
-    fresh = [w for w, on in (('optimiser state', cfg.mask.reset_optimizer), ('EMA', cfg.mask.reset_ema)) if on]
-    lines = ['## The two stages', '',
-             f"MaskDM's schedule: {P} steps of {mask} (only the visible patch tokens go through the transformer and the "
-             f"loss covers only them), then unmasked fine-tuning to step {cfg.train.steps}"
-             + (" with a fresh " + ' and '.join(fresh) if fresh else '') + '.', '',
-             '| stage | steps | mask ratio | images/s | training time | FID at its end | NN ratio |', '|---|---|---|---|---|---|---|']
+    stages = run_stages(cfg)
+    rows = stage_table(recs, stages)
+    P = cfg.mask.pretrain_steps if cfg.mask.strategy != 'none' else 0
+    sadm = cfg.sadm.enabled
+    lines = [f"## The {len(stages)} stages", '']
+    if P:
+        mask = (f"{cfg.mask.strategy} masking" + (f" at ratio {cfg.mask.ratio}" if cfg.mask.strategy != 'crop' else
+                                                  f", one visible {cfg.mask.crop_size}x{cfg.mask.crop_size} window"))
+        fresh = [w for w, on in (('optimiser state', cfg.mask.reset_optimizer), ('EMA', cfg.mask.reset_ema)) if on]
+        lines += [f"MaskDM's schedule: {P} steps of {mask} (only the visible patch tokens go through the transformer and "
+                  f"the loss covers only them), then unmasked fine-tuning"
+                  + (" with a fresh " + ' and '.join(fresh) if fresh else '') + '.']
+    if sadm:
+        sd = cfg.sadm
+        lines += [f"SADM from step {sd.start_step + 1}: a structure discriminator ({sd.affinity} affinity, L{sd.p}, "
+                  f"{sd.d_steps} update(s) per step at lr {sd.d_lr:g}) plays against the denoiser, whose loss gains "
+                  f"λ·D_ω (λ = {sd.weight:g}, reached after {sd.warmup_steps} steps; predictions at t < {sd.t_max:g}·T, "
+                  f"ω {sd.omega})."]
+    lines += ['', '| stage | steps | mask ratio | λ | images/s | training time | FID at its end | NN ratio'
+              + (' | held-out structure distance (fixed encoder)' if sadm else '') + ' |',
+              '|---|---|---|---|---|---|---|---' + ('|---' if sadm else '') + '|']
     for r in rows:
-        mr = r['mask_ratio']
-        mr = '–' if mr is None else (f"{mr[0]:g}" if mr[0] == mr[1] else f"{mr[0]:g} → {mr[1]:g}")
         e = r['eval'] or {}
-        lines.append(f"| {r['stage']} | {r['first_step']}–{r['last_step']} | {mr} | {_fmt(r['img_per_s'], 0)} | "
+        lines.append(f"| {r['stage']} | {r['first_step']}–{r['last_step']} | {_range(r['mask_ratio'])} | "
+                     f"{_range(r['lambda'], '.3g')} | {_fmt(r['img_per_s'], 0)} | "
                      f"{_fmt(r['train_s'] / 60 if r['train_s'] is not None else None, 1)} min | "
-                     f"{_fmt(e.get('fid'))} (step {e.get('step', '–')}) | {_fmt(e.get('nn_ratio'))} |")
-    primer = run.samples_dir / f'step-{P:07d}.png'
+                     f"{_fmt(e.get('fid'))} (step {e.get('step', '–')}) | {_fmt(e.get('nn_ratio'))}"
+                     + (f" | {_fmt(r['heldout_struct_fixed'], 5)}" if sadm else '') + ' |')
+    ends = [(name, nxt) for (name, _), (_, nxt) in zip(stages, stages[1:])]
     grids = sorted(run.samples_dir.glob('step-*.png'))
-    if primer.is_file() and grids and grids[-1] != primer:
-        lines += ['', f"Samples of the pre-trained model (step {P}, left) and after fine-tuning "
-                  f"(step {int(grids[-1].stem.split('-')[1])}, right), same seeds:", '',
-                  f"![pre-trained]({primer.relative_to(run.path).as_posix()}) "
-                  f"![fine-tuned]({grids[-1].relative_to(run.path).as_posix()})"]
-    ratio = rows[0]['mask_ratio'][0] if rows and rows[0]['mask_ratio'] else cfg.mask.ratio
-    lines += ['', f"In pre-training the model only ever denoises about {1 - ratio:.0%} of an image's patches at a time; "
-              "sampling it on the full grid of tokens shows the 'primer' it has learnt. Fine-tuning on whole images "
-              "turns it into the generator. Whether the two stages beat "
-              "training from scratch at equal compute is measured by `benchmarks/maskdm_equal_compute.py` "
-              "(see the docs page *Masked pre-training: the evidence*), not by one run.", '']
-    return lines
+    shots = [(name, run.samples_dir / f'step-{k:07d}.png') for name, k in ends]
+    shots = [(n, f) for n, f in shots if f.is_file()] + ([(stages[-1][0], grids[-1])] if grids else [])
+    if len(shots) > 1:
+        lines += ['', 'Samples at the end of each stage (' + ', '.join(f"{n}: step {int(f.stem.split('-')[1])}" for n, f in shots)
+                  + '), same seeds:', '', ' '.join(f"![{n}]({f.relative_to(run.path).as_posix()})" for n, f in shots)]
+    if P:
+        ratio = rows[0]['mask_ratio'][0] if rows and rows[0]['mask_ratio'] else cfg.mask.ratio
+        lines += ['', f"In pre-training the model only ever denoises about {1 - ratio:.0%} of an image's patches at a "
+                  "time; sampling it on the full grid of tokens shows the 'primer' it has learnt. Fine-tuning on whole "
+                  "images turns it into the generator. Whether the two stages beat training from scratch at equal compute "
+                  "is measured by `benchmarks/maskdm_equal_compute.py` (docs: *Masked pre-training: the evidence*)."]
+    if sadm:
+        lines += ['', "The SADM stage is not a controlled comparison: it follows the other stages, so its FID also "
+                  "reflects more training. Whether SADM fine-tuning beats plain fine-tuning at equal steps and equal "
+                  "time is measured by `benchmarks/sadm_finetune.py` over several seeds (docs: *SADM: the evidence*). "
+                  "The held-out structure distance uses the encoder's frozen initial weights, a ruler that does not move "
+                  "with the game: lower means the model's one-step predictions of unseen images relate to each other "
+                  "more like the images do."]
+    return lines + ['']
 
 def write_report(run_dir, *, title: str | None = None, notes: str = '') -> Path:
     "Write `report.md`, `loss.png` and `fid.png` for a run folder (with a section per stage for MaskDM runs)."
@@ -86,8 +121,9 @@ def write_report(run_dir, *, title: str | None = None, notes: str = '') -> Path:
     recs = run.read_metrics()
     train = [r for r in recs if r.get('kind') == 'train']
     evals = [r for r in recs if r.get('kind') == 'eval']
-    two_stage = cfg.mask.strategy != 'none' and cfg.mask.pretrain_steps > 0
-    marks = {cfg.mask.pretrain_steps: 'fine-tuning starts'} if two_stage else None
+    stages = run_stages(cfg)
+    two_stage = len(stages) > 1
+    marks = {k: f'{name} starts' for name, k in stages[1:]} or None
     plot_curves(train, run.path / 'loss.png', panels=(('loss', 'training loss (per-sample DSM, mean)', True),), marks=marks)
     plot_curves(evals, run.path / 'fid.png', panels=(('fid', 'FID over training', False),), marks=marks)
     grids = sorted(run.samples_dir.glob('step-*.png'))
@@ -98,7 +134,8 @@ def write_report(run_dir, *, title: str | None = None, notes: str = '') -> Path:
     lines = [f"# {title or cfg.name}", '',
              f"Model `{cfg.model.preset}` on `{cfg.data.name}`, {cfg.diffusion.schedule} schedule, "
              f"{cfg.diffusion.prediction}-prediction, {cfg.train.steps} steps of batch {cfg.train.batch_size}"
-             + (f" ({cfg.mask.pretrain_steps} of them masked)" if two_stage else '')
+             + (f" ({cfg.mask.pretrain_steps} of them masked)" if cfg.mask.strategy != 'none' and cfg.mask.pretrain_steps else '')
+             + (f", SADM from step {cfg.sadm.start_step + 1}" if cfg.sadm.enabled else '')
              + f", sampler {cfg.sample.sampler} ({cfg.sample.steps} steps).", '']
     if notes: lines += [notes, '']
     lines += ['| | |', '|---|---|',
@@ -122,7 +159,8 @@ def write_report(run_dir, *, title: str | None = None, notes: str = '') -> Path:
     if two_stage: lines += _stage_lines(run, cfg, recs)
     if (run.path / 'loss.png').is_file():
         lines += ['## Training loss', '', '![loss](loss.png)', '']
-        if two_stage: lines += ['The masked stage\'s loss is over visible patches only, so the curve may jump at the switch.', '']
+        if cfg.mask.strategy != 'none': lines += ['The masked stage\'s loss is over visible patches only, so the curve may jump at the switch.', '']
+        if cfg.sadm.enabled: lines += ['With SADM the curve is the denoising loss alone (the structure term is logged apart).', '']
     if evals:
         lines += ['## FID over training', '', '![fid](fid.png)', '',
                   '| step | FID | floor | NN ratio |', '|---|---|---|---|'] + \
@@ -139,32 +177,42 @@ def write_report(run_dir, *, title: str | None = None, notes: str = '') -> Path:
 class _Narrator(Callback):
     "Print where the demo is, between progress bars."
     def on_step_end(self, trainer, logs):
+        from tqdm.auto import tqdm
         if trainer.step == trainer.finetune_start:
-            from tqdm.auto import tqdm
             tqdm.write(f"      step {trainer.step}: masked pre-training done; unmasked fine-tuning from here")
+        if trainer.sadm is not None and trainer.step == trainer.sadm.start_step > 0:
+            tqdm.write(f"      step {trainer.step}: SADM from here: the structure discriminator joins the game")
     def on_eval(self, trainer, rec):
         from tqdm.auto import tqdm
         mem = f", nearest-neighbour ratio {rec['nn_ratio']:.2f}" if 'nn_ratio' in rec else ''
         tqdm.write(f"      step {rec['step']}: FID {rec['fid']:.2f} (real-vs-real floor {rec['fid_floor']:.2f}, "
                    f"{rec['n_fake']} samples{mem}, {rec['seconds']:.0f}s)")
 
-def demo_config(*, fast: bool = False, masked: bool = True, overrides=()) -> RunConfig:
-    "The demo's config: `digits-maskdm` (or `digits-dit`) with periodic FID; `fast` shrinks it to about a minute."
+def demo_config(*, fast: bool = False, masked: bool = True, sadm: bool = True, overrides=()) -> RunConfig:
+    """The demo's config: `digits-sadm` (or, without `masked`, `digits-dit` with the same SADM stage over its last
+    third; without `sadm`, no SADM stage) with periodic FID; `fast` shrinks it to about a minute."""
+    preset = 'digits-sadm' if masked else 'digits-dit'
     base = ['name=demo']
     if fast:
-        base += ['train.steps=300', 'train.eval_every=150', 'train.sample_every=150', 'train.ckpt_every=150',
-                 'eval.num_samples=300', 'train.log_every=10'] + (['mask.pretrain_steps=150'] if masked else [])
-    return get_config('digits-maskdm' if masked else 'digits-dit', base + list(overrides))
+        base += ['train.steps=300', 'train.eval_every=100', 'train.sample_every=100', 'train.ckpt_every=100',
+                 'eval.num_samples=300', 'train.log_every=10', 'sadm.start_step=200', 'sadm.warmup_steps=20']
+        base += ['mask.pretrain_steps=100'] if masked else []
+    elif not masked: base += ['sadm.start_step=1000']
+    base += ['sadm.enabled=true'] if (sadm and not masked) else ['sadm.enabled=false'] if not sadm else []
+    return get_config(preset, base + list(overrides))
 
-def run_demo(run_dir='runs/demo', *, fast: bool = False, masked: bool = True, overrides=(), resume: bool | None = None,
-             progress: bool = True) -> Path:
-    "Train (masked pre-training, then fine-tuning), sample, evaluate and report; returns the path of `report.md`."
-    cfg = demo_config(fast=fast, masked=masked, overrides=overrides)
+def run_demo(run_dir='runs/demo', *, fast: bool = False, masked: bool = True, sadm: bool = True, overrides=(),
+             resume: bool | None = None, progress: bool = True) -> Path:
+    """Train (masked pre-training, fine-tuning, SADM fine-tuning), sample, evaluate and report; returns the path of
+    `report.md`."""
+    cfg = demo_config(fast=fast, masked=masked, sadm=sadm, overrides=overrides)
     run_dir = Path(run_dir)
     t0 = time.time()
     P = cfg.mask.pretrain_steps if cfg.mask.strategy != 'none' else 0
-    plan = (f"{P} steps with {cfg.mask.ratio:.0%} of the patches masked, then {cfg.train.steps - P} unmasked"
-            if P else f"{cfg.train.steps} steps")
+    S = cfg.sadm.start_step if cfg.sadm.enabled else None
+    plan = (f"{P} steps with {cfg.mask.ratio:.0%} of the patches masked, then unmasked" if P else f"{cfg.train.steps} steps")
+    if S is not None: plan += f"{' fine-tuning' if P else ''}, SADM from step {S + 1} to {cfg.train.steps}"
+    elif P: plan += f" to step {cfg.train.steps}"
     print(f"[1/3] training {cfg.model.preset} on {cfg.data.name}: {plan} (batch {cfg.train.batch_size}, "
           f"FID every {cfg.train.eval_every or cfg.train.steps} steps) in {run_dir}", flush=True)
     tr = Trainer(cfg, run_dir, resume=resume, callbacks=[_Narrator()], progress=progress)
@@ -172,7 +220,8 @@ def run_demo(run_dir='runs/demo', *, fast: bool = False, masked: bool = True, ov
           f"model: {sum(p.numel() for p in tr.unwrapped.parameters())/1e6:.2f}M parameters on {tr.device}", flush=True)
     tr.fit()
     print(f"[2/3] samples: {sorted(tr.run.samples_dir.glob('*.png'))[-1]}", flush=True)
-    what = 'masked pre-training + fine-tuning of a tiny DiT' if P else 'a tiny DiT'
+    what = ' + '.join(['masked pre-training'] * bool(P) + ['fine-tuning'] * bool(P) + ['SADM'] * (S is not None)) or 'training'
+    what += ' of a tiny DiT'
     report = write_report(run_dir, title=f'sadm_lab demo: {what} on digits',
                           notes=f"Made by `sadm-lab demo` in {(time.time() - t0) / 60:.1f} minutes.")
     print(f"[3/3] report: {report}", flush=True)

@@ -625,6 +625,8 @@ class Trainer:
         try:
             while self.step < tc.steps and not self._stop:
                 if self.step == self.finetune_start: self.start_finetuning()
+                if self.sadm is not None and self.step == self.sadm.start_step > 0:
+                    self.log_event('stage', stage='sadm', weight=self.sadm.weight, warmup_steps=self.sadm.warmup_steps)
                 out = self.train_step()
                 if self.acc.num_processes > 1:   # callbacks run on the main process: every rank must agree to stop
                     flag = torch.tensor(float(self._stop), device=self.device)
@@ -649,15 +651,17 @@ class Trainer:
                         sums = torch.tensor([float(win.get(k, (0.0, 0))[i]) for k in keys for i in (0, 1)], device=self.device)
                         sums = self.acc.reduce(sums, reduction='sum').view(-1, 2).tolist()
                         logs.update({k: a / c for k, (a, c) in zip(keys, sums) if c > 0})
-                        if self.is_main: logs.update(self.sadm_heldout_distance())
+                    if self.sadm is not None and self.is_main: logs.update(self.sadm_heldout_distance())   # before the term too
                     window_loss, window_n, t_last, imgs_since = 0.0, 0, time.perf_counter(), 0
                     win = {}
                     if self.is_main:
                         self.run.append_metrics(logs)
                         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{logs['img_per_s']:.0f}", refresh=False)
                         for cb in self.callbacks: cb.on_log(self, logs)
-                if self.is_main:
-                    for cb in self.callbacks: cb.on_step_end(self, logs or {'step': self.step})
+                if self.is_main and self.callbacks:      # every step: this process's values (the log lines hold window means)
+                    step_logs = logs or {'step': self.step, **{k: float(out[k]) for k in ('loss', 'lambda', 'g_struct', 'd_obj', 'r1')
+                                                                if k in out}}
+                    for cb in self.callbacks: cb.on_step_end(self, step_logs)
                 if self._stop or self.step == tc.steps or self._due(tc.ckpt_every): self.save_checkpoint()
                 if self._due(tc.sample_every) and self.step != tc.steps: self.save_samples()
                 if self._due(tc.eval_every) and self.step != tc.steps: self.evaluate()

@@ -60,20 +60,28 @@ def test_eval_of_a_small_data_run_uses_the_whole_split_as_training_did(tmp_path)
     assert res['n_fake'] == 60 and res['n_ref'] >= 1618 - 2 * 60
 
 
-TINY_DEMO = ['train.steps=4', 'train.eval_every=2', 'train.sample_every=2', 'train.ckpt_every=2', 'eval.num_samples=50',
-             'sample.grid_size=4', 'sample.steps=4', 'model.depth=1', 'train.batch_size=32', 'train.log_every=1']
+TINY_DEMO = ['train.steps=6', 'train.eval_every=2', 'train.sample_every=2', 'train.ckpt_every=2', 'eval.num_samples=50',
+             'sample.grid_size=4', 'sample.steps=4', 'model.depth=1', 'train.batch_size=32', 'train.log_every=1',
+             'sadm.start_step=4', 'sadm.warmup_steps=1', 'sadm.heldout_size=8']
 
 
-def test_demo_trains_both_stages_and_reports_them(tmp_path):
+def test_demo_trains_its_stages_and_reports_them(tmp_path):
     r = cli('demo', '--no-progress', '--run-dir', tmp_path / 'd', *TINY_DEMO, 'mask.pretrain_steps=2')
     assert r.returncode == 0, r.stderr
-    assert '2 steps with 75% of the patches masked, then 2 unmasked' in r.stdout
+    assert '2 steps with 75% of the patches masked, then unmasked fine-tuning, SADM from step 5 to 6' in r.stdout
     cfg = json.loads((tmp_path / 'd' / 'config.json').read_text())
-    assert cfg['mask']['strategy'] == 'patch' and cfg['mask']['pretrain_steps'] == 2
+    assert cfg['mask']['strategy'] == 'patch' and cfg['mask']['pretrain_steps'] == 2 and cfg['sadm']['enabled']
     text = (tmp_path / 'd' / 'report.md').read_text()
-    assert '| pre-training | 1–2 | 0.75 |' in text and '| fine-tuning | 3–4 | 0 |' in text
-    assert '![pre-trained](samples/step-0000002.png) ![fine-tuned](samples/step-0000004.png)' in text
+    assert '## The 3 stages' in text
+    assert '| pre-training | 1–2 | 0.75 | – |' in text and '| fine-tuning | 3–4 | 0 | – |' in text and '| SADM | 5–6 | 0 | 0.1 |' in text, text
+    assert ('![pre-training](samples/step-0000002.png) ![fine-tuning](samples/step-0000004.png) '
+            '![SADM](samples/step-0000006.png)') in text
     r = cli('demo', '--no-progress', '--unmasked', '--run-dir', tmp_path / 'u', *TINY_DEMO)
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / 'u' / 'config.json').read_text())['mask']['strategy'] == 'none'
-    assert '## The two stages' not in (tmp_path / 'u' / 'report.md').read_text()
+    cfg = json.loads((tmp_path / 'u' / 'config.json').read_text())
+    assert cfg['mask']['strategy'] == 'none' and cfg['sadm']['enabled'] and cfg['sadm']['start_step'] == 4
+    assert '| training | 1–4 |' in (tmp_path / 'u' / 'report.md').read_text()
+    r = cli('demo', '--no-progress', '--unmasked', '--no-sadm', '--run-dir', tmp_path / 'p', *TINY_DEMO)
+    assert r.returncode == 0, r.stderr
+    assert not json.loads((tmp_path / 'p' / 'config.json').read_text())['sadm']['enabled']
+    assert 'stages' not in (tmp_path / 'p' / 'report.md').read_text()

@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""Does SADM's structure term improve a pretrained diffusion model? Plain denoising fine-tuning against SADM
+fine-tuning from the same checkpoint, at equal steps and at equal wall-clock, over several seeds, plus the ablations
+a researcher asks for first.
+
+One plain run of `--base` for `--base-steps` steps (seed 0) is the pretrained model. Every arm fine-tunes its EMA
+weights for S = `--steps` steps (fresh AdamW and EMA, `--warmup` warm-up steps) with seed-dependent data order, noise
+and encoder initialisation:
+  plain            S steps of denoising training (sadm.enabled=false);
+  sadm             S steps with the structure term at its defaults (λ = `--lam`);
+  plain-time       plain fine-tuning for as long as the sadm arm takes: round(S x r) steps, r the measured step-time
+                   ratio sadm / plain (interleaved repetitions on this machine before the runs, kept in plan.json).
+With `--ablations` (all at S steps, every other option at its default):
+  lam=X            each λ in `--lambdas` (λ = 0 trains the discriminator and logs, the denoiser is plain);
+  random-encoder   a fixed random encoder (sadm.d_steps=0): is the adversarial game needed, or any embedding will do?
+  gaussian, softmax  the other affinities;
+  t_max=X          each t-range in `--t-maxes` (the term sees predictions at t < t_max·T).
+FID (classifier features, `--eval-samples` samples, against the whole training split, with its real-vs-real floor)
+and the memorisation check at `--evals` points of each fine-tuning; the structure distance of held-out images under
+the frozen initial encoder is logged by the SADM arms. Written to `--out`: summary.json, summary.md and fid.png.
+Running the same command again reuses finished runs and resumes interrupted ones; `--jobs 2` trains two runs at a
+time (one thread each). Results are what they are: the script makes no claim either way.
+
+    python benchmarks/sadm_finetune.py                         # digits, DiT-T/2, 3 seeds, main arms (~25 min, 2 cores)
+    python benchmarks/sadm_finetune.py --ablations --jobs 2    # + λ grid, random encoder, affinities, t-range
+"""
+from __future__ import annotations
+import argparse, json, multiprocessing, statistics, sys, tempfile, time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from maskdm_equal_compute import _fit  # noqa: E402  (train / resume / reuse one run, training time without evals)
+from sadm_lab.config import get_config  # noqa: E402
+from sadm_lab.core import atomic_write_json, atomic_write_text  # noqa: E402
+from sadm_lab.train import Trainer, RunDir  # noqa: E402
+
+MAIN = ('plain', 'sadm', 'plain-time')
+
+
+def arm_overrides(arm: str, a) -> list[str]:
+    "The sadm.* settings of an arm."
+    on = ['sadm.enabled=true', f'sadm.weight={a.lam}']
+    if arm in ('plain', 'plain-time'): return []
+    if arm == 'sadm': return on
+    if arm.startswith('lam='): return ['sadm.enabled=true', f'sadm.weight={arm[4:]}']
+    if arm == 'random-encoder': return on + ['sadm.d_steps=0']
+    if arm in ('gaussian', 'softmax'): return on + [f'sadm.affinity={arm}']
+    if arm.startswith('t_max='): return on + [f'sadm.t_max={arm[6:]}']
+    raise ValueError(f'unknown arm {arm!r}')
+
+
+def step_time_ratio(common: list[str], a, tmp: Path, reps=5, steps=4) -> tuple[float, float, float]:
+    "Median seconds per step of the sadm arm over the plain arm, interleaved repetitions after warm-up."
+    trs = {arm: Trainer(get_config(a.base, [*common, 'train.steps=100000', 'eval.enabled=false', *arm_overrides(arm, a)]),
+                        tmp / arm, progress=False) for arm in ('plain', 'sadm')}
+    for tr in trs.values():
+        for _ in range(2): tr.train_step()
+    times = {arm: [] for arm in trs}
+    for _ in range(reps):
+        for arm, tr in trs.items():
+            t0 = time.perf_counter()
+            for _ in range(steps): tr.train_step()
+            times[arm].append((time.perf_counter() - t0) / steps)
+    ts, tp = statistics.median(times['sadm']), statistics.median(times['plain'])
+    return ts / tp, ts, tp
+
+
+def run_arm(arm: str, seed: int, plan: dict, a) -> dict:
+    "Fine-tune the base model as `arm` says for `seed`; its FID curve and last logged structure distances."
+    if a.jobs > 1:
+        import torch; torch.set_num_threads(1)
+    steps = plan['steps_time'] if arm == 'plain-time' else a.steps
+    cfg = get_config(a.base, [f'name={arm}-s{seed}', *plan['common'], f'train.seed={seed}', f'train.steps={steps}',
+                              f'train.init_from={plan["base_run"]}', 'train.init_weights=ema',
+                              f'train.warmup_steps={a.warmup}', f'train.eval_every={max(1, steps // a.evals)}',
+                              *arm_overrides(arm, a)])
+    r = _fit(cfg, Path(a.out) / f'{arm}-s{seed}', a.progress, True)
+    train = [x for x in RunDir(r['run']).read_metrics() if x.get('kind') == 'train']
+    last = {k: train[-1].get(k) for k in ('g_struct', 'd_obj', 'heldout_struct', 'heldout_struct_fixed')}
+    return r | {'arm': arm, 'seed': seed, 'steps': steps, 'last': last}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog='\n'.join(__doc__.split('\n')[1:]))
+    p.add_argument('--base', default='digits-dit', help='preset of the base run and of every fine-tuning')
+    p.add_argument('--base-steps', type=int, default=600)
+    p.add_argument('--steps', type=int, default=400, help='fine-tuning steps S')
+    p.add_argument('--warmup', type=int, default=25)
+    p.add_argument('--lam', type=float, default=None, help="λ of the sadm arm (default: the config's sadm.weight)")
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    p.add_argument('--arms', nargs='+', help='arms to run (default: plain sadm plain-time, plus the ablations)')
+    p.add_argument('--ablations', action='store_true')
+    p.add_argument('--lambdas', type=float, nargs='+', default=[0.0, 0.01, 1.0])
+    p.add_argument('--t-maxes', type=float, nargs='+', default=[0.2, 1.0])
+    p.add_argument('--evals', type=int, default=2, help='FID points per fine-tuning run')
+    p.add_argument('--eval-samples', type=int, default=800)
+    p.add_argument('--jobs', type=int, default=1, help='runs trained at a time (each on one thread when > 1)')
+    p.add_argument('--out', default='runs/sadm-finetune')
+    p.add_argument('--progress', action='store_true')
+    p.add_argument('overrides', nargs='*', help='extra key=value for every run (base included)')
+    a = p.parse_args(argv)
+    if a.lam is None: a.lam = get_config(a.base).sadm.weight
+    arms = a.arms or [*MAIN, *((f'lam={x:g}' for x in a.lambdas) if a.ablations else ()),
+                      *(('random-encoder', 'gaussian', 'softmax', *(f't_max={x:g}' for x in a.t_maxes)) if a.ablations else ())]
+    for arm in arms:
+        try: arm_overrides(arm, a)
+        except ValueError as e: p.error(str(e))
+    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    common = ['train.sample_every=0', f'eval.num_samples={a.eval_samples}', 'train.ckpt_every=500', *a.overrides]
+    key = {k: v for k, v in vars(a).items() if k not in ('seeds', 'arms', 'progress', 'out', 'jobs', 'ablations',
+                                                         'lambdas', 't_maxes')}
+    saved = json.loads((out / 'plan.json').read_text()) if (out / 'plan.json').is_file() else None
+    if saved is not None and saved['settings'] != key:
+        diff = ', '.join(f'{k}: {saved["settings"].get(k)!r} -> {v!r}' for k, v in key.items() if saved['settings'].get(k) != v)
+        p.error(f'{out} holds a comparison with other settings ({diff}); use another --out')
+    base = _fit(get_config(a.base, ['name=base', *common, 'train.seed=0', f'train.steps={a.base_steps}',
+                                    f'train.eval_every={a.base_steps}']), out / 'base', a.progress, True)
+    print(f"base: {a.base_steps} plain steps, FID {base['evals'][-1]['fid']:.2f} (floor {base['evals'][-1]['fid_floor']:.2f})", flush=True)
+    if saved is None:
+        with tempfile.TemporaryDirectory(prefix='sadm-probe-') as tmp:
+            timing = step_time_ratio(common, a, Path(tmp))
+        atomic_write_json(out / 'plan.json', {'settings': key, 'timing': timing})
+    else: timing = saved['timing']
+    plan = {'common': common, 'base_run': base['run'], 'steps_time': round(a.steps * timing[0])}
+    print(f"step time: sadm {1e3 * timing[1]:.0f} ms, plain {1e3 * timing[2]:.0f} ms (ratio {timing[0]:.3f}); "
+          f"plain-time fine-tunes {plan['steps_time']} steps", flush=True)
+    jobs = [(arm, seed) for seed in a.seeds for arm in arms]
+    if a.jobs > 1:
+        with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context('spawn')) as ex:   # no fork after torch
+            results = list(ex.map(run_arm, *zip(*jobs), [plan] * len(jobs), [a] * len(jobs)))
+    else: results = [run_arm(arm, seed, plan, a) for arm, seed in jobs]
+    for r in results: print(f"{r['arm']:>15} seed {r['seed']}: FID {r['evals'][-1]['fid']:.3f} ({r['train_s']:.0f} s)")
+    summary = {'config': vars(a), 'base_fid': base['evals'][-1]['fid'], 'floor': base['evals'][-1]['fid_floor'],
+               'step_time_ratio': timing[0], 'step_ms': {'sadm': 1e3 * timing[1], 'plain': 1e3 * timing[2]},
+               'steps_time': plan['steps_time'], 'arms': {}}
+    for arm in arms:
+        rs = [r for r in results if r['arm'] == arm]
+        fids = [r['evals'][-1]['fid'] for r in rs]
+        nn = [r['evals'][-1].get('nn_ratio') for r in rs]
+        held = [r['last']['heldout_struct_fixed'] for r in rs]
+        summary['arms'][arm] = {
+            'overrides': arm_overrides(arm, a), 'steps': rs[0]['steps'], 'seeds': [r['seed'] for r in rs],
+            'final_fid_mean': statistics.mean(fids), 'final_fid_std': statistics.stdev(fids) if len(fids) > 1 else 0.0,
+            'final_fids': fids, 'nn_ratio_mean': statistics.mean(nn) if None not in nn else None,
+            'copy_fraction_max': max((r['evals'][-1].get('copy_fraction') or 0) for r in rs),
+            'heldout_struct_fixed_mean': statistics.mean(held) if None not in held else None,
+            'train_s_mean': statistics.mean(r['train_s'] for r in rs),
+            'curves': [[(e['step'], e['train_s'], e['fid']) for e in r['evals']] for r in rs], 'runs': [r['run'] for r in rs]}
+    atomic_write_json(out / 'summary.json', summary)
+    _plot(summary, out)
+    md = _markdown(summary, a)
+    atomic_write_text(out / 'summary.md', md)
+    print(md)
+    print(json.dumps({k: v for k, v in summary.items() if k != 'arms'} |
+                     {arm: {k: v for k, v in d.items() if k not in ('curves', 'runs')} for arm, d in summary['arms'].items()}))
+
+
+def _markdown(s, a) -> str:
+    lines = [f"# SADM fine-tuning vs plain fine-tuning: `{a.base}`, {len(a.seeds)} seed{'s' if len(a.seeds) > 1 else ''}", '',
+             f"Base: {a.base_steps} plain steps, FID {s['base_fid']:.2f}. Every arm fine-tunes its EMA weights for "
+             f"{a.steps} steps (plain-time: {s['steps_time']}, as long as the sadm arm; measured step time sadm "
+             f"{s['step_ms']['sadm']:.0f} ms vs plain {s['step_ms']['plain']:.0f} ms, ratio {s['step_time_ratio']:.3f}). "
+             f"λ of the sadm arm: {a.lam:g}.", '',
+             '| arm | settings | steps | final FID (mean ± std) | per seed | NN ratio | held-out structure distance (fixed encoder) | training time (s) |',
+             '|---|---|---|---|---|---|---|---|']
+    for arm, d in s['arms'].items():
+        nn = f"{d['nn_ratio_mean']:.2f}" if d['nn_ratio_mean'] is not None else '–'
+        hs = f"{d['heldout_struct_fixed_mean']:.2e}" if d['heldout_struct_fixed_mean'] is not None else '–'
+        st = ' '.join(o for o in d['overrides'] if o != 'sadm.enabled=true') or '–'
+        lines.append(f"| {arm} | {st} | {d['steps']} | {d['final_fid_mean']:.3f} ± {d['final_fid_std']:.3f} | "
+                     f"{', '.join(f'{x:.3f}' for x in d['final_fids'])} | {nn} | {hs} | {d['train_s_mean']:.0f} |")
+    lines += ['', f"Real-vs-real floor of the same protocol: {s['floor']:.2f}. NN ratio: median distance of a sample to "
+              "its nearest training image over that of held-out real images (about 1 = fresh, near 0 = copies).", '',
+              '![FID](fid.png)', '']
+    return '\n'.join(lines)
+
+
+def _plot(s, out):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    arms = list(s['arms'])
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(arms) + 1.5), 3.2), dpi=80)
+    for i, arm in enumerate(arms):
+        f = s['arms'][arm]['final_fids']
+        ax.scatter([i] * len(f), f, color=f'C{i % 10}', s=14)
+        ax.errorbar([i], [statistics.mean(f)], yerr=[statistics.stdev(f) if len(f) > 1 else 0], fmt='_', color='k', ms=14)
+    ax.axhline(s['base_fid'], ls=':', color='gray', label='base model')
+    ax.set_xticks(range(len(arms))); ax.set_xticklabels(arms, rotation=35, ha='right', fontsize=8)
+    ax.set_ylabel('final FID'); ax.legend(fontsize=7); ax.grid(alpha=0.3)
+    fig.tight_layout(); fig.savefig(out / 'fid.png'); plt.close(fig)
+
+
+if __name__ == '__main__':
+    main()

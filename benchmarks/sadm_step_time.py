@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Step time of SADM training against plain denoising training: the same model, data, batch and settings, one run.
+
+Each arm is a real `Trainer` (run folder in a temp dir, evaluation and samples off) whose `train_step()` is timed:
+plain (`sadm.enabled=false`) and SADM variants (default options; `--variants` adds others). Short repetitions of the
+arms are interleaved, the order rotating, so drifts in machine load hit all alike; reported per arm are the median
+ms/step and, as the ratio to plain, the median over repetitions of the paired ratio. Target: SADM at most 1.3x plain.
+
+    python benchmarks/sadm_step_time.py                         # DiT-T/2 on 8x8 digits, batch 128 (the demo's step)
+    python benchmarks/sadm_step_time.py --preset digits-dit --override model.preset=DiT-S/2 --reps 5
+    python benchmarks/sadm_step_time.py --variants all          # + time-conditioned, R1, d_steps=2, global batch
+"""
+from __future__ import annotations
+import argparse, json, platform, statistics, sys, tempfile, time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
+from _common import sync   # noqa: E402
+from sadm_lab.config import get_config   # noqa: E402
+from sadm_lab.train import Trainer   # noqa: E402
+
+VARIANTS = {
+    'sadm': ['sadm.enabled=true'],
+    'sadm, time-conditioned encoder': ['sadm.enabled=true', 'sadm.time_cond=true'],
+    'sadm, R1 gamma=1': ['sadm.enabled=true', 'sadm.r1_gamma=1'],
+    'sadm, d_steps=2': ['sadm.enabled=true', 'sadm.d_steps=2'],
+    'sadm, spectral norm': ['sadm.enabled=true', 'sadm.spectral_norm=true'],
+}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--preset', default='digits-dit')
+    p.add_argument('--override', action='append', default=[], help='config key=value for every arm (repeatable)')
+    p.add_argument('--variants', default='sadm', help="'sadm' (default) or 'all'")
+    p.add_argument('--steps', type=int, default=10, help='timed steps per repetition')
+    p.add_argument('--reps', type=int, default=7)
+    p.add_argument('--warmup', type=int, default=3, help='untimed steps per arm first')
+    p.add_argument('--bf16', action='store_true')
+    p.add_argument('--json', help='also write the JSON here')
+    a = p.parse_args(argv)
+    arms = {'plain': []} | ({'sadm': VARIANTS['sadm']} if a.variants == 'sadm' else VARIANTS)
+    common = ['eval.enabled=false', 'train.sample_every=0', 'train.ckpt_every=1000000', 'train.steps=1000000',
+              'sadm.warmup_steps=0', 'sadm.heldout_size=0'] + (['train.precision=bf16'] if a.bf16 else []) + a.override
+    tmp = tempfile.TemporaryDirectory()
+    trainers = {name: Trainer(get_config(a.preset, common + over), Path(tmp.name) / f'arm{i}', progress=False)
+                for i, (name, over) in enumerate(arms.items())}
+    dev = next(iter(trainers.values())).device
+    for tr in trainers.values():
+        for _ in range(a.warmup): tr.train_step()
+    times = {n: [] for n in trainers}
+    names = list(trainers)
+    for r in range(a.reps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            tr = trainers[n]
+            sync(dev); t0 = time.perf_counter()
+            for _ in range(a.steps): tr.train_step()
+            sync(dev); times[n].append((time.perf_counter() - t0) / a.steps * 1e3)
+    cfg = trainers['plain'].cfg
+    res = {'preset': a.preset, 'model': cfg.model.preset, 'batch': cfg.train.batch_size,
+           'image': list(trainers['plain'].data.images.shape[1:]), 'device': str(dev), 'bf16': a.bf16,
+           'torch': torch.__version__, 'threads': torch.get_num_threads(), 'machine': platform.machine(),
+           'steps_per_rep': a.steps, 'reps': a.reps, 'arms': {}}
+    for n in names:
+        ratios = [t / p for t, p in zip(times[n], times['plain'])]
+        res['arms'][n] = {'ms_per_step_median': statistics.median(times[n]), 'ms_per_step_all': times[n],
+                          'ratio_to_plain': statistics.median(ratios), 'overrides': arms[n]}
+    print(json.dumps(res))
+    if a.json: Path(a.json).write_text(json.dumps(res, indent=2))
+    print(f"\n{cfg.model.preset}, batch {cfg.train.batch_size}, images {tuple(res['image'])}, {dev}, "
+          f"{'bf16' if a.bf16 else 'fp32'}, median of {a.reps} interleaved repetitions of {a.steps} steps\n")
+    print('| arm | ms/step | ratio to plain | target |\n|---|---|---|---|')
+    for n, r in res['arms'].items():
+        tgt = '' if n == 'plain' else ('≤ 1.30 ✓' if r['ratio_to_plain'] <= 1.3 else '≤ 1.30 ✗')
+        print(f"| {n} | {r['ms_per_step_median']:.1f} | {r['ratio_to_plain']:.3f} | {tgt} |")
+    tmp.cleanup()
+    return res
+
+
+if __name__ == '__main__':
+    main()
