@@ -84,6 +84,10 @@ def test_sadm_finetunes_from_a_plain_run_and_checks_what_it_loads(tmp_path):
     for k, v in base.unwrapped.state_dict().items(): assert torch.equal(v, ft.unwrapped.state_dict()[k]), k
     ft.fit()
     assert _train_logs(tmp_path / 'ft')[-1]['g_struct'] > 0
+    # a plain state dict file, as the official DiT releases are
+    torch.save(base.unwrapped.state_dict(), tmp_path / 'dit.pt')
+    ft2 = Trainer(_cfg(*SADM, f'train.init_from={tmp_path / "dit.pt"}'), tmp_path / 'ft2', progress=False)
+    for k, v in base.unwrapped.state_dict().items(): assert torch.equal(v, ft2.unwrapped.state_dict()[k]), k
     # a checkpoint without discriminator state cannot be resumed as an SADM run
     ck = torch.load(RunDir(tmp_path / 'ft').latest_checkpoint(), weights_only=True)
     ck['sadm'] = None
