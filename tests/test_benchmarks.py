@@ -1,4 +1,4 @@
-"The equal-compute script's bookkeeping, end to end on a seconds-long budget (its results are not checked here)."
+"The benchmark scripts' bookkeeping, end to end on seconds-long budgets (their results are not checked here)."
 import importlib.util, json
 from pathlib import Path
 
@@ -99,3 +99,44 @@ def test_unknown_arm_is_refused(tmp_path):
     eqc = _load('maskdm_equal_compute')
     with pytest.raises(SystemExit):
         eqc.main(['--arms', 'transfer', '--out', str(tmp_path)])       # 'transfer' is not an arm of setting 'same'
+
+
+def test_sadm_finetune_arms_start_from_the_base_and_plain_time_matches_the_clock(tmp_path, capsys):
+    sft = _load('sadm_finetune')
+    out, S = tmp_path / 'out', 6
+    argv = ['model.depth=1', 'sadm.heldout_size=8', '--base', 'smoke', '--base-steps', '4', '--seeds', '0', '1',
+            '--evals', '1', '--eval-samples', '40', '--warmup', '1', '--out', str(out),
+            '--arms', 'plain', 'sadm', 'plain-time', 'random-encoder', '--steps', str(S)]
+    sft.main(argv)
+    s = json.loads((out / 'summary.json').read_text())
+    plan = json.loads((out / 'plan.json').read_text())
+    assert s['steps_time'] == round(S * plan['timing'][0]) and s['arms']['plain-time']['steps'] == s['steps_time']
+    assert s['arms']['plain']['steps'] == s['arms']['sadm']['steps'] == S
+    for arm, d in s['arms'].items():
+        assert len(d['final_fids']) == 2 and d['seeds'] == [0, 1]
+        for run in d['runs']:
+            cfg = json.loads((Path(run) / 'config.json').read_text())
+            assert cfg['train']['init_from'] == str(out / 'base') and cfg['train']['init_weights'] == 'ema'
+            assert cfg['sadm']['enabled'] == (arm in ('sadm', 'random-encoder'))
+            assert cfg['sadm']['d_steps'] == (0 if arm == 'random-encoder' else 1)
+    assert s['arms']['sadm']['heldout_struct_fixed_mean'] > 0 and s['arms']['plain']['heldout_struct_fixed_mean'] is None
+    assert (out / 'fid.png').is_file() and '| sadm |' in (out / 'summary.md').read_text()
+    sft.main(argv)                                   # a re-run reuses every finished run
+    assert json.loads((out / 'summary.json').read_text())['arms']['sadm']['final_fids'] == s['arms']['sadm']['final_fids']
+    with pytest.raises(SystemExit):                  # other settings into the same folder are refused
+        sft.main([*argv[:-1], '9'])
+
+
+def test_sadm_toy_and_step_time_scripts_report_every_setting(tmp_path, capsys):
+    toy = _load('sadm_toy')
+    toy.main(['--steps', '60', '--start', '30', '--warmup', '5', '--batch', '64', '--seeds', '0', '1', '--samples', '200',
+              '--sample-steps', '5', '--lambdas', '0.1', '1', '--out', str(tmp_path / 'toy')])
+    s = json.loads((tmp_path / 'toy' / 'summary.json').read_text())
+    assert list(s['summary']) == ['plain', 'sadm λ=0.1', 'sadm λ=1', 'random encoder λ=0.1']
+    assert len(s['runs']) == 8 and (tmp_path / 'toy' / 'toy.png').is_file()
+    st = _load('sadm_step_time')
+    res = st.main(['--preset', 'smoke', '--reps', '2', '--steps', '1', '--warmup', '1', '--variants', 'all',
+                   '--json', str(tmp_path / 'st.json')])
+    assert set(res['arms']) == {'plain', *st.VARIANTS} and res['arms']['plain']['ratio_to_plain'] == 1.0
+    assert all(r['ms_per_step_median'] > 0 for r in res['arms'].values())
+    assert json.loads((tmp_path / 'st.json').read_text())['arms'].keys() == res['arms'].keys()
