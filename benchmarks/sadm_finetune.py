@@ -13,11 +13,12 @@ and encoder initialisation:
 With `--ablations` (all at S steps, every other option at its default):
   lam=X            each λ in `--lambdas` (λ = 0 trains the discriminator and logs, the denoiser is plain);
   random-encoder   a fixed random encoder (sadm.d_steps=0): is the adversarial game needed, or any embedding will do?
+  time-cond        a timestep-conditioned encoder (it judges each prediction knowing its noise level);
   gaussian, softmax  the other affinities;
   t_max=X          each t-range in `--t-maxes` (the term sees predictions at t < t_max·T).
 FID (classifier features, `--eval-samples` samples, against the whole training split, with its real-vs-real floor)
-and the memorisation check at `--evals` points of each fine-tuning; the structure distance of held-out images under
-the frozen initial encoder is logged by the SADM arms. Written to `--out`: summary.json, summary.md and fid.png.
+and the memorisation check at `--evals` points of each fine-tuning; the structure distance between held-out images
+and the model's one-step predictions of them, in pixel space, is logged by the SADM arms. Written to `--out`: summary.json, summary.md and fid.png.
 Running the same command again reuses finished runs and resumes interrupted ones; `--jobs 2` trains two runs at a
 time (one thread each). Results are what they are: the script makes no claim either way.
 
@@ -47,6 +48,7 @@ def arm_overrides(arm: str, a) -> list[str]:
     if arm.startswith('lam='): return ['sadm.enabled=true', f'sadm.weight={arm[4:]}']
     if arm == 'random-encoder': return on + ['sadm.d_steps=0']
     if arm in ('gaussian', 'softmax'): return on + [f'sadm.affinity={arm}']
+    if arm == 'time-cond': return on + ['sadm.time_cond=true']
     if arm.startswith('t_max='): return on + [f'sadm.t_max={arm[6:]}']
     raise ValueError(f'unknown arm {arm!r}')
 
@@ -78,7 +80,7 @@ def run_arm(arm: str, seed: int, plan: dict, a) -> dict:
                               *arm_overrides(arm, a)])
     r = _fit(cfg, Path(a.out) / f'{arm}-s{seed}', a.progress, True)
     train = [x for x in RunDir(r['run']).read_metrics() if x.get('kind') == 'train']
-    last = {k: train[-1].get(k) for k in ('g_struct', 'd_obj', 'heldout_struct', 'heldout_struct_fixed')}
+    last = {k: train[-1].get(k) for k in ('g_struct', 'd_obj', 'heldout_struct', 'heldout_struct_pixels')}
     return r | {'arm': arm, 'seed': seed, 'steps': steps, 'last': last}
 
 
@@ -104,7 +106,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.lam is None: a.lam = get_config(a.base).sadm.weight
     arms = a.arms or [*MAIN, *((f'lam={x:g}' for x in a.lambdas) if a.ablations else ()),
-                      *(('random-encoder', 'gaussian', 'softmax', *(f't_max={x:g}' for x in a.t_maxes)) if a.ablations else ())]
+                      *(('random-encoder', 'time-cond', 'gaussian', 'softmax', *(f't_max={x:g}' for x in a.t_maxes))
+                        if a.ablations else ())]
     for arm in arms:
         try: arm_overrides(arm, a)
         except ValueError as e: p.error(str(e))
@@ -140,13 +143,13 @@ def main(argv=None):
         rs = [r for r in results if r['arm'] == arm]
         fids = [r['evals'][-1]['fid'] for r in rs]
         nn = [r['evals'][-1].get('nn_ratio') for r in rs]
-        held = [r['last']['heldout_struct_fixed'] for r in rs]
+        held = [r['last']['heldout_struct_pixels'] for r in rs]
         summary['arms'][arm] = {
             'overrides': arm_overrides(arm, a), 'steps': rs[0]['steps'], 'seeds': [r['seed'] for r in rs],
             'final_fid_mean': statistics.mean(fids), 'final_fid_std': statistics.stdev(fids) if len(fids) > 1 else 0.0,
             'final_fids': fids, 'nn_ratio_mean': statistics.mean(nn) if None not in nn else None,
             'copy_fraction_max': max((r['evals'][-1].get('copy_fraction') or 0) for r in rs),
-            'heldout_struct_fixed_mean': statistics.mean(held) if None not in held else None,
+            'heldout_struct_pixels_mean': statistics.mean(held) if None not in held else None,
             'train_s_mean': statistics.mean(r['train_s'] for r in rs),
             'curves': [[(e['step'], e['train_s'], e['fid']) for e in r['evals']] for r in rs], 'runs': [r['run'] for r in rs]}
     atomic_write_json(out / 'summary.json', summary)
@@ -164,11 +167,11 @@ def _markdown(s, a) -> str:
              f"{a.steps} steps (plain-time: {s['steps_time']}, as long as the sadm arm; measured step time sadm "
              f"{s['step_ms']['sadm']:.0f} ms vs plain {s['step_ms']['plain']:.0f} ms, ratio {s['step_time_ratio']:.3f}). "
              f"λ of the sadm arm: {a.lam:g}.", '',
-             '| arm | settings | steps | final FID (mean ± std) | per seed | NN ratio | held-out structure distance (fixed encoder) | training time (s) |',
+             '| arm | settings | steps | final FID (mean ± std) | per seed | NN ratio | held-out structure distance (pixels) | training time (s) |',
              '|---|---|---|---|---|---|---|---|']
     for arm, d in s['arms'].items():
         nn = f"{d['nn_ratio_mean']:.2f}" if d['nn_ratio_mean'] is not None else '–'
-        hs = f"{d['heldout_struct_fixed_mean']:.2e}" if d['heldout_struct_fixed_mean'] is not None else '–'
+        hs = f"{d['heldout_struct_pixels_mean']:.2e}" if d['heldout_struct_pixels_mean'] is not None else '–'
         st = ' '.join(o for o in d['overrides'] if o != 'sadm.enabled=true') or '–'
         lines.append(f"| {arm} | {st} | {d['steps']} | {d['final_fid_mean']:.3f} ± {d['final_fid_std']:.3f} | "
                      f"{', '.join(f'{x:.3f}' for x in d['final_fids'])} | {nn} | {hs} | {d['train_s_mean']:.0f} |")

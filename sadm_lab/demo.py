@@ -32,7 +32,7 @@ def run_stages(cfg: RunConfig) -> list[tuple[str, int]]:
 def stage_table(recs: list[dict], stages: list[tuple[str, int]]) -> list[dict]:
     """Per stage (see `run_stages`) from a run's metric records: steps, mask ratios, λ, median images/s, training time
     (evaluations excluded; None after a resume, whose pauses the clock cannot see), the last evaluation and the last
-    held-out structure distance under the fixed encoder (SADM runs)."""
+    held-out structure distance in pixel space (SADM runs)."""
     train = [r for r in recs if r.get('kind') == 'train']
     evals = [r for r in recs if r.get('kind') == 'eval']
     starts = [r['time'] for r in recs if r.get('event') == 'start']
@@ -52,12 +52,12 @@ def stage_table(recs: list[dict], stages: list[tuple[str, int]]) -> list[dict]:
             secs = (hi - lo) - sum(r['seconds'] for r in evals if lo <= r['time'] <= hi)
         ratios = sorted({round(r['mask_ratio'], 3) for r in tr if r.get('mask_ratio') is not None})
         lams = sorted({r['lambda'] for r in tr if r.get('lambda') is not None})
-        held = [r['heldout_struct_fixed'] for r in tr if r.get('heldout_struct_fixed') is not None]
+        held = [r['heldout_struct_pixels'] for r in tr if r.get('heldout_struct_pixels') is not None]
         rows.append({'stage': name, 'first_step': first + 1, 'last_step': max(r['step'] for r in tr + ev),
                      'mask_ratio': (ratios[-1], ratios[0]) if ratios else None,
                      'lambda': (lams[0], lams[-1]) if lams else None,
                      'img_per_s': statistics.median(r['img_per_s'] for r in tr) if tr else None,
-                     'train_s': secs, 'eval': ev[-1] if ev else None, 'heldout_struct_fixed': held[-1] if held else None})
+                     'train_s': secs, 'eval': ev[-1] if ev else None, 'heldout_struct_pixels': held[-1] if held else None})
     return rows
 
 def _range(v, fmt='g'):
@@ -83,7 +83,7 @@ def _stage_lines(run, cfg, recs) -> list[str]:
                   f"λ·D_ω (λ = {sd.weight:g}, reached after {sd.warmup_steps} steps; predictions at t < {sd.t_max:g}·T, "
                   f"ω {sd.omega})."]
     lines += ['', '| stage | steps | mask ratio | λ | images/s | training time | FID at its end | NN ratio'
-              + (' | held-out structure distance (fixed encoder)' if sadm else '') + ' |',
+              + (' | held-out structure distance (pixels)' if sadm else '') + ' |',
               '|---|---|---|---|---|---|---|---' + ('|---' if sadm else '') + '|']
     for r in rows:
         e = r['eval'] or {}
@@ -91,7 +91,7 @@ def _stage_lines(run, cfg, recs) -> list[str]:
                      f"{_range(r['lambda'], '.3g')} | {_fmt(r['img_per_s'], 0)} | "
                      f"{_fmt(r['train_s'] / 60 if r['train_s'] is not None else None, 1)} min | "
                      f"{_fmt(e.get('fid'))} (step {e.get('step', '–')}) | {_fmt(e.get('nn_ratio'))}"
-                     + (f" | {_fmt(r['heldout_struct_fixed'], 5)}" if sadm else '') + ' |')
+                     + (f" | {_fmt(r['heldout_struct_pixels'], 5)}" if sadm else '') + ' |')
     ends = [(name, nxt) for (name, _), (_, nxt) in zip(stages, stages[1:])]
     grids = sorted(run.samples_dir.glob('step-*.png'))
     shots = [(name, run.samples_dir / f'step-{k:07d}.png') for name, k in ends]
@@ -109,9 +109,9 @@ def _stage_lines(run, cfg, recs) -> list[str]:
         lines += ['', "The SADM stage is not a controlled comparison: it follows the other stages, so its FID also "
                   "reflects more training. Whether SADM fine-tuning beats plain fine-tuning at equal steps and equal "
                   "time is measured by `benchmarks/sadm_finetune.py` over several seeds (docs: *SADM: the evidence*). "
-                  "The held-out structure distance uses the encoder's frozen initial weights, a ruler that does not move "
-                  "with the game: lower means the model's one-step predictions of unseen images relate to each other "
-                  "more like the images do."]
+                  "The held-out structure distance is measured in pixel space (cosine affinity of the images minus "
+                  "the real batch's mean), a ruler that does not move with the game: lower means the model's one-step "
+                  "predictions of unseen test images relate to each other more like the images do."]
     return lines + ['']
 
 def write_report(run_dir, *, title: str | None = None, notes: str = '') -> Path:

@@ -342,7 +342,7 @@ class Trainer:
 
     # -- SADM ------------------------------------------------------------------------------------------
     def _build_sadm(self):
-        "The structure discriminator (encoder, its own AdamW, a frozen copy of its initial weights) and `StructureTerm`."
+        "The structure discriminator (encoder and its own AdamW) and `StructureTerm`."
         sd, tc = self.cfg.sadm, self.cfg.train
         self.sadm = None
         if not sd.enabled: return
@@ -356,7 +356,6 @@ class Trainer:
             torch.manual_seed(tc.seed + 7_777)
             enc = StructureEncoder(tuple(self.data.images.shape[1:]), dim=sd.encoder_dim, width=sd.encoder_width,
                                    time_cond=sd.time_cond, spectral_norm=sd.spectral_norm).to(self.device)
-        self.encoder_fixed = deepcopy(enc).requires_grad_(False)   # a fixed ruler for the held-out structure distance
         self.d_opt = torch.optim.AdamW(enc.parameters(), lr=sd.d_lr, betas=(sd.d_beta1, 0.999), weight_decay=0.0)
         self._encoder = enc
         self.encoder = self.acc.prepare_model(enc) if self.acc.num_processes > 1 else enc   # DDP averages its gradients
@@ -382,9 +381,10 @@ class Trainer:
 
     @torch.no_grad()
     def sadm_heldout_distance(self) -> dict:
-        """Structure distance between held-out images and the denoiser's one-step predictions of them, under the
-        current encoder (`heldout_struct`) and under the frozen initial one (`heldout_struct_fixed`, a ruler that
-        does not move with the game). Main process, this process's model, no gathering."""
+        """Structure distance between held-out images and the denoiser's one-step predictions of them: under the
+        current encoder (`heldout_struct`, the game's own measure, which moves as the encoder learns) and in pixel
+        space (`heldout_struct_pixels`, a fixed ruler: cosine affinity of the images minus the real batch's mean
+        image, same ω). Main process, this process's model, no gathering."""
         if self.sadm is None or self.cfg.sadm.heldout_size < 2: return {}
         x0, y, t, noise = self.sadm_heldout_batch()
         net = self.unwrapped
@@ -393,14 +393,19 @@ class Trainer:
         pred = self.diffusion.training_losses(net, x0, y=y, t=t, noise=noise)['pred_x0']
         net.train(was)
         cur, n = self.sadm.distance(self._encoder, x0, pred, t, gather=False)
-        fixed, _ = self.sadm.distance(self.encoder_fixed, x0, pred, t, gather=False)
-        return {'heldout_struct': float(cur), 'heldout_struct_fixed': float(fixed)} if n >= 2 else {}
+        if n < 2: return {}
+        from sadm_lab.structure import structural_distance
+        w = self.sadm.omega(t)
+        keep = w > 0
+        mean = x0[keep].mean(0, keepdim=True)
+        pix = structural_distance((x0[keep] - mean).flatten(1).float(), (pred[keep].clamp(-self.sadm.x0_clip, self.sadm.x0_clip)
+                                  - mean).flatten(1).float(), weights=w[keep])
+        return {'heldout_struct': float(cur), 'heldout_struct_pixels': float(pix)}
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {'format': 'sadm_lab-ckpt-1', 'step': self.step, 'config': self.cfg.to_dict(),
-                'sadm': None if self.sadm is None else {'encoder': self._encoder.state_dict(), 'optimizer': self.d_opt.state_dict(),
-                                                        'encoder_fixed': self.encoder_fixed.state_dict()},
+                'sadm': None if self.sadm is None else {'encoder': self._encoder.state_dict(), 'optimizer': self.d_opt.state_dict()},
                 'model': self.unwrapped.state_dict(), 'ema': self.ema.state_dict() if self.ema else None,
                 'optimizer': self.opt.state_dict(),
                 'scaler': self.acc.scaler.state_dict() if getattr(self.acc, 'scaler', None) is not None else None,
@@ -433,7 +438,6 @@ class Trainer:
             if not isinstance(ck.get('sadm'), dict):
                 raise CheckpointError(f"{path} has no structure discriminator state, but this run has sadm.enabled")
             load_weights(self._encoder, ck['sadm']['encoder'], source=f"{path} (structure encoder)")
-            load_weights(self.encoder_fixed, ck['sadm']['encoder_fixed'], source=f"{path} (fixed structure encoder)")
         try:
             if self.sadm is not None: self.d_opt.load_state_dict(ck['sadm']['optimizer'])
             self.opt.load_state_dict(ck['optimizer'])

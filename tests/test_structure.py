@@ -41,7 +41,7 @@ def test_lambda_zero_is_plain_training_bit_for_bit(tmp_path):
     assert any(not torch.equal(v, zero._encoder.state_dict()[k]) for k, v in enc0.items())
     last = _train_logs(tmp_path / 'zero')[-1]
     assert last['lambda'] == 0 and last['g_struct'] > 0 and last['d_obj'] > 0
-    assert last['heldout_struct'] > 0 and last['heldout_struct_fixed'] > 0
+    assert last['heldout_struct'] > 0 and last['heldout_struct_pixels'] > 0
 
 
 def test_lambda_positive_moves_the_denoiser_and_the_encoder_learns(tmp_path):
@@ -121,7 +121,7 @@ def test_sadm_bad_settings_are_clear_errors(tmp_path):
 def test_sadm_options_train_with_finite_logs(tmp_path, over):
     Trainer(_cfg(*SADM, *over), tmp_path / 'r', progress=False).fit()
     last = _train_logs(tmp_path / 'r')[-1]
-    for k in ('loss', 'g_struct', 'heldout_struct', 'heldout_struct_fixed'): assert torch.isfinite(torch.tensor(last[k])), k
+    for k in ('loss', 'g_struct', 'heldout_struct', 'heldout_struct_pixels'): assert torch.isfinite(torch.tensor(last[k])), k
     if 'sadm.r1_gamma=1' in over: assert last['r1'] > 0
 
 
