@@ -11,14 +11,19 @@ and encoder initialisation:
   plain-time       plain fine-tuning for as long as the sadm arm takes: round(S x r) steps, r the measured step-time
                    ratio sadm / plain (interleaved repetitions on this machine before the runs, kept in plan.json).
 With `--ablations` (all at S steps, every other option at its default):
-  lam=X            each λ in `--lambdas` (λ = 0 trains the discriminator and logs, the denoiser is plain);
+  lam=X            each λ in `--lambdas` (λ = 0 would train the discriminator and log, the denoiser plain: tested to
+                   equal plain fine-tuning bit for bit, so it is not in the default grid);
+and, at λ = `--ablation-lam` (default 0.1: large enough that the term changes the result beyond seed noise, so the
+choices below can be told apart):
   random-encoder   a fixed random encoder (sadm.d_steps=0): is the adversarial game needed, or any embedding will do?
   time-cond        a timestep-conditioned encoder (it judges each prediction knowing its noise level);
   gaussian, softmax  the other affinities;
-  t_max=X          each t-range in `--t-maxes` (the term sees predictions at t < t_max·T).
+  t_max=X          each t-range in `--t-maxes` (the term sees predictions at t < t_max·T);
+  omega=dsm        within the t-range, each sample weighted by the denoising loss's own x0-space weight (capped).
 FID (classifier features, `--eval-samples` samples, against the whole training split, with its real-vs-real floor)
 and the memorisation check at `--evals` points of each fine-tuning; the structure distance between held-out images
-and the model's one-step predictions of them, in pixel space, is logged by the SADM arms. Written to `--out`: summary.json, summary.md and fid.png.
+and the model's one-step predictions of them, in pixel space, is logged by the SADM arms. Written to `--out`:
+<name>.json, <name>.md and <name>-fid.png (`--name`, default summary).
 Running the same command again reuses finished runs and resumes interrupted ones; `--jobs 2` trains two runs at a
 time (one thread each). Results are what they are: the script makes no claim either way.
 
@@ -42,14 +47,15 @@ MAIN = ('plain', 'sadm', 'plain-time')
 
 def arm_overrides(arm: str, a) -> list[str]:
     "The sadm.* settings of an arm."
-    on = ['sadm.enabled=true', f'sadm.weight={a.lam}']
+    on = ['sadm.enabled=true', f'sadm.weight={a.ablation_lam}']
     if arm in ('plain', 'plain-time'): return []
-    if arm == 'sadm': return on
+    if arm == 'sadm': return ['sadm.enabled=true', f'sadm.weight={a.lam}']
     if arm.startswith('lam='): return ['sadm.enabled=true', f'sadm.weight={arm[4:]}']
     if arm == 'random-encoder': return on + ['sadm.d_steps=0']
     if arm in ('gaussian', 'softmax'): return on + [f'sadm.affinity={arm}']
     if arm == 'time-cond': return on + ['sadm.time_cond=true']
     if arm.startswith('t_max='): return on + [f'sadm.t_max={arm[6:]}']
+    if arm.startswith('omega='): return on + [f'sadm.omega={arm[6:]}']
     raise ValueError(f'unknown arm {arm!r}')
 
 
@@ -95,8 +101,10 @@ def main(argv=None):
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--arms', nargs='+', help='arms to run (default: plain sadm plain-time, plus the ablations)')
     p.add_argument('--ablations', action='store_true')
-    p.add_argument('--lambdas', type=float, nargs='+', default=[0.0, 0.01, 1.0])
-    p.add_argument('--t-maxes', type=float, nargs='+', default=[0.2, 1.0])
+    p.add_argument('--lambdas', type=float, nargs='+', default=[0.001, 0.1, 1.0])
+    p.add_argument('--ablation-lam', type=float, default=0.1, help='λ of the ablation arms other than the λ grid')
+    p.add_argument('--name', default='summary', help='file name stem of the summary (several invocations, one --out)')
+    p.add_argument('--t-maxes', type=float, nargs='+', default=[0.2])
     p.add_argument('--evals', type=int, default=2, help='FID points per fine-tuning run')
     p.add_argument('--eval-samples', type=int, default=800)
     p.add_argument('--jobs', type=int, default=1, help='runs trained at a time (each on one thread when > 1)')
@@ -106,7 +114,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.lam is None: a.lam = get_config(a.base).sadm.weight
     arms = a.arms or [*MAIN, *((f'lam={x:g}' for x in a.lambdas) if a.ablations else ()),
-                      *(('random-encoder', 'time-cond', 'gaussian', 'softmax', *(f't_max={x:g}' for x in a.t_maxes))
+                      *(('random-encoder', 'time-cond', 'gaussian', 'softmax', *(f't_max={x:g}' for x in a.t_maxes), 'omega=dsm')
                         if a.ablations else ())]
     for arm in arms:
         try: arm_overrides(arm, a)
@@ -114,7 +122,7 @@ def main(argv=None):
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     common = ['train.sample_every=0', f'eval.num_samples={a.eval_samples}', 'train.ckpt_every=500', *a.overrides]
     key = {k: v for k, v in vars(a).items() if k not in ('seeds', 'arms', 'progress', 'out', 'jobs', 'ablations',
-                                                         'lambdas', 't_maxes')}
+                                                         'lambdas', 't_maxes', 'ablation_lam', 'name')}
     saved = json.loads((out / 'plan.json').read_text()) if (out / 'plan.json').is_file() else None
     if saved is not None and saved['settings'] != key:
         diff = ', '.join(f'{k}: {saved["settings"].get(k)!r} -> {v!r}' for k, v in key.items() if saved['settings'].get(k) != v)
@@ -152,10 +160,10 @@ def main(argv=None):
             'heldout_struct_pixels_mean': statistics.mean(held) if None not in held else None,
             'train_s_mean': statistics.mean(r['train_s'] for r in rs),
             'curves': [[(e['step'], e['train_s'], e['fid']) for e in r['evals']] for r in rs], 'runs': [r['run'] for r in rs]}
-    atomic_write_json(out / 'summary.json', summary)
-    _plot(summary, out)
+    atomic_write_json(out / f'{a.name}.json', summary)
+    _plot(summary, out / f'{a.name}-fid.png')
     md = _markdown(summary, a)
-    atomic_write_text(out / 'summary.md', md)
+    atomic_write_text(out / f'{a.name}.md', md)
     print(md)
     print(json.dumps({k: v for k, v in summary.items() if k != 'arms'} |
                      {arm: {k: v for k, v in d.items() if k not in ('curves', 'runs')} for arm, d in summary['arms'].items()}))
@@ -166,7 +174,7 @@ def _markdown(s, a) -> str:
              f"Base: {a.base_steps} plain steps, FID {s['base_fid']:.2f}. Every arm fine-tunes its EMA weights for "
              f"{a.steps} steps (plain-time: {s['steps_time']}, as long as the sadm arm; measured step time sadm "
              f"{s['step_ms']['sadm']:.0f} ms vs plain {s['step_ms']['plain']:.0f} ms, ratio {s['step_time_ratio']:.3f}). "
-             f"λ of the sadm arm: {a.lam:g}.", '',
+             f"λ of the sadm arm: {a.lam:g}; of the ablation arms: {a.ablation_lam:g} unless named.", '',
              '| arm | settings | steps | final FID (mean ± std) | per seed | NN ratio | held-out structure distance (pixels) | training time (s) |',
              '|---|---|---|---|---|---|---|---|']
     for arm, d in s['arms'].items():
@@ -177,11 +185,11 @@ def _markdown(s, a) -> str:
                      f"{', '.join(f'{x:.3f}' for x in d['final_fids'])} | {nn} | {hs} | {d['train_s_mean']:.0f} |")
     lines += ['', f"Real-vs-real floor of the same protocol: {s['floor']:.2f}. NN ratio: median distance of a sample to "
               "its nearest training image over that of held-out real images (about 1 = fresh, near 0 = copies).", '',
-              '![FID](fid.png)', '']
+              f'![FID]({a.name}-fid.png)', '']
     return '\n'.join(lines)
 
 
-def _plot(s, out):
+def _plot(s, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -194,7 +202,7 @@ def _plot(s, out):
     ax.axhline(s['base_fid'], ls=':', color='gray', label='base model')
     ax.set_xticks(range(len(arms))); ax.set_xticklabels(arms, rotation=35, ha='right', fontsize=8)
     ax.set_ylabel('final FID'); ax.legend(fontsize=7); ax.grid(alpha=0.3)
-    fig.tight_layout(); fig.savefig(out / 'fid.png'); plt.close(fig)
+    fig.tight_layout(); fig.savefig(path); plt.close(fig)
 
 
 if __name__ == '__main__':

@@ -66,7 +66,7 @@ class MaskConfig:
 @dataclass
 class SadmConfig:
     enabled: bool = False                # SADM: a structure discriminator and the denoiser's adversarial structure term
-    weight: float = 0.1                  # lambda, the structure term's weight (0 = the discriminator trains and logs,
+    weight: float = 0.01                 # lambda, the structure term's weight (0 = the discriminator trains and logs,
                                          # the denoiser's updates stay plain denoising training, bit for bit)
     warmup_steps: int = 100              # lambda ramps linearly from 0 over these steps after start_step
     start_step: int = 0                  # the term starts here (after masked pre-training, or later in a run)

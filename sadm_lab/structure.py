@@ -148,7 +148,7 @@ class StructureTerm:
     """SADM's adversarial structure term: λ schedule, ω(t), the discriminator update and the generator term (see above).
     `diffusion` supplies the SNR table and the denoising loss weight for ω; the remaining options are the `sadm.*`
     config keys of the same names."""
-    def __init__(self, diffusion, *, weight: float = 0.05, warmup_steps: int = 0, start_step: int = 0,
+    def __init__(self, diffusion, *, weight: float = 0.01, warmup_steps: int = 0, start_step: int = 0,
                  omega: str = 'constant', t_max: float = 0.5, omega_cap: float = 5.0, affinity: str = 'cosine',
                  tau: float = 1.0, p: int = 1, x0_clip: float = 2.0, d_steps: int = 1, d_every: int = 1,
                  r1_gamma: float = 0.0, global_batch: bool = False):

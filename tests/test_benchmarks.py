@@ -120,7 +120,7 @@ def test_sadm_finetune_arms_start_from_the_base_and_plain_time_matches_the_clock
             assert cfg['sadm']['enabled'] == (arm in ('sadm', 'random-encoder'))
             assert cfg['sadm']['d_steps'] == (0 if arm == 'random-encoder' else 1)
     assert s['arms']['sadm']['heldout_struct_pixels_mean'] > 0 and s['arms']['plain']['heldout_struct_pixels_mean'] is None
-    assert (out / 'fid.png').is_file() and '| sadm |' in (out / 'summary.md').read_text()
+    assert (out / 'summary-fid.png').is_file() and '| sadm |' in (out / 'summary.md').read_text()
     sft.main(argv)                                   # a re-run reuses every finished run
     assert json.loads((out / 'summary.json').read_text())['arms']['sadm']['final_fids'] == s['arms']['sadm']['final_fids']
     with pytest.raises(SystemExit):                  # other settings into the same folder are refused

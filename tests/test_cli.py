@@ -73,7 +73,7 @@ def test_demo_trains_its_stages_and_reports_them(tmp_path):
     assert cfg['mask']['strategy'] == 'patch' and cfg['mask']['pretrain_steps'] == 2 and cfg['sadm']['enabled']
     text = (tmp_path / 'd' / 'report.md').read_text()
     assert '## The 3 stages' in text
-    assert '| pre-training | 1–2 | 0.75 | – |' in text and '| fine-tuning | 3–4 | 0 | – |' in text and '| SADM | 5–6 | 0 | 0.1 |' in text, text
+    assert '| pre-training | 1–2 | 0.75 | – |' in text and '| fine-tuning | 3–4 | 0 | – |' in text and '| SADM | 5–6 | 0 | 0.01 |' in text, text
     assert ('![pre-training](samples/step-0000002.png) ![fine-tuning](samples/step-0000004.png) '
             '![SADM](samples/step-0000006.png)') in text
     r = cli('demo', '--no-progress', '--unmasked', '--run-dir', tmp_path / 'u', *TINY_DEMO)
