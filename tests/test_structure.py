@@ -115,9 +115,11 @@ def test_sadm_bad_settings_are_clear_errors(tmp_path):
         _cfg(*SADM, 'sadm.omega=snr2')
 
 
-@pytest.mark.parametrize('over', [['sadm.affinity=softmax', 'sadm.tau=0.5', 'sadm.omega=dsm', 'sadm.time_cond=true'],
+@pytest.mark.parametrize('over', [['sadm.affinity=softmax', 'sadm.tau=0.5', 'sadm.omega=dsm', 'sadm.time_cond=true',
+                                   'diffusion.prediction=v'],
                                   ['sadm.affinity=gaussian', 'sadm.p=2', 'sadm.omega=snr', 'sadm.spectral_norm=true',
-                                   'sadm.r1_gamma=1', 'sadm.d_steps=2', 'sadm.d_every=2', 'train.grad_accum=2']])
+                                   'sadm.r1_gamma=1', 'sadm.d_steps=2', 'sadm.d_every=2', 'train.grad_accum=2',
+                                   'diffusion.prediction=x0', 'sadm.t_max=1.0']])
 def test_sadm_options_train_with_finite_logs(tmp_path, over):
     Trainer(_cfg(*SADM, *over), tmp_path / 'r', progress=False).fit()
     last = _train_logs(tmp_path / 'r')[-1]
