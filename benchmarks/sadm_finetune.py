@@ -131,6 +131,8 @@ def main(argv=None):
                                     f'train.eval_every={a.base_steps}']), out / 'base', a.progress, True)
     print(f"base: {a.base_steps} plain steps, FID {base['evals'][-1]['fid']:.2f} (floor {base['evals'][-1]['fid_floor']:.2f})", flush=True)
     if saved is None:
+        if a.jobs > 1:                               # time the steps as the runs will take them: one thread each
+            import torch; torch.set_num_threads(1)
         with tempfile.TemporaryDirectory(prefix='sadm-probe-') as tmp:
             timing = step_time_ratio(common, a, Path(tmp))
         atomic_write_json(out / 'plan.json', {'settings': key, 'timing': timing})

@@ -8,7 +8,7 @@ ms/step and, as the ratio to plain, the median over repetitions of the paired ra
 
     python benchmarks/sadm_step_time.py                         # DiT-T/2 on 8x8 digits, batch 128 (the demo's step)
     python benchmarks/sadm_step_time.py --preset digits-dit --override model.preset=DiT-S/2 --reps 5
-    python benchmarks/sadm_step_time.py --variants all          # + time-conditioned, R1, d_steps=2, global batch
+    python benchmarks/sadm_step_time.py --variants all          # + time-conditioned, R1, d_steps=2, spectral norm
 """
 from __future__ import annotations
 import argparse, json, platform, statistics, sys, tempfile, time
@@ -34,7 +34,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--preset', default='digits-dit')
     p.add_argument('--override', action='append', default=[], help='config key=value for every arm (repeatable)')
-    p.add_argument('--variants', default='sadm', help="'sadm' (default) or 'all'")
+    p.add_argument('--variants', choices=('sadm', 'all'), default='sadm', help="'sadm' (default) or 'all'")
     p.add_argument('--steps', type=int, default=10, help='timed steps per repetition')
     p.add_argument('--reps', type=int, default=7)
     p.add_argument('--warmup', type=int, default=3, help='untimed steps per arm first')

@@ -179,7 +179,7 @@ class StructureTerm:
         "ω(t) per sample, float32 (B,): 0 from t_max·T on, else as `omega` says."
         d = self.diffusion
         keep = t < self.t_max * d.num_timesteps
-        if self.omega_kind == 'constant': w = torch.ones(t.shape, dtype=torch.float64, device=t.device)
+        if self.omega_kind == 'constant': w = torch.ones(t.shape, device=t.device)     # float32: MPS has no float64
         else:
             snr = d.snr(t).to(t.device)
             if self.omega_kind == 'snr': w = snr / (1 + snr)
@@ -215,7 +215,9 @@ class StructureTerm:
     def d_update(self, encoder: nn.Module, optimizer: torch.optim.Optimizer, x0: torch.Tensor, x0_hat: torch.Tensor,
                  t: torch.Tensor, *, grad_clip: float = 0.0) -> dict:
         """`d_steps` discriminator updates on one batch: maximise D_ω(E(x0), E(sg(x̂0))) (+ R1: γ/2·E‖∇_x0 D‖²).
-        Returns `d_obj`, D before the last update (absent when fewer than 2 samples count), and `r1`."""
+        Returns `d_obj`, D before the last update (absent when fewer than 2 samples count), and `r1`. With
+        `global_batch`, R1 is the gradient with respect to this process's real images only (the other processes'
+        embeddings arrive as constants): a per-process approximation of the global-batch R1."""
         out = {}
         x0_hat, w = x0_hat.detach(), self.omega(t)
         scale = _world_size() if self.global_batch else 1
@@ -236,7 +238,10 @@ class StructureTerm:
 
     def g_term(self, encoder: nn.Module, x0: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor,
                *, grad: bool = True) -> tuple[torch.Tensor, int]:
-        """(D_ω, n) for the denoiser: the encoder frozen, gradient to x̂0 only; `grad=False` computes it for the
-        logs alone (λ = 0)."""
-        with frozen(encoder), torch.set_grad_enabled(grad):
-            return self.distance(encoder, x0.detach(), x0_hat, t)
+        """(D_ω, n) for the denoiser: the encoder frozen and in eval mode (spectral norm's power iteration does not
+        advance), gradient to x̂0 only; `grad=False` computes it for the logs alone (λ = 0)."""
+        was = encoder.training
+        try:
+            with frozen(encoder.eval()), torch.set_grad_enabled(grad):
+                return self.distance(encoder, x0.detach(), x0_hat, t)
+        finally: encoder.train(was)

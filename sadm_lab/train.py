@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/06_train.ipynb #44986bb6
 from __future__ import annotations
-import contextlib, inspect, json, math, resource, sys, time
+import contextlib, inspect, json, math, resource, sys, time, warnings
 from copy import deepcopy
 from pathlib import Path
 
@@ -348,17 +348,26 @@ class Trainer:
         if not sd.enabled: return
         from sadm_lab.structure import StructureEncoder, StructureTerm
         micro = tc.batch_size // (self.acc.num_processes * tc.grad_accum)
-        if micro < 2 and not sd.global_batch:
+        seen = micro * (self.acc.num_processes if sd.global_batch else 1)
+        if seen < 2:
             raise ConfigError(f"sadm needs at least 2 images per micro-batch to have a structure, got {micro} "
                               f"(train.batch_size={tc.batch_size} over {self.acc.num_processes} processes x "
-                              f"train.grad_accum={tc.grad_accum}); raise the batch or use sadm.global_batch=true")
-        with torch.random.fork_rng(devices=[]):     # its own seed: the denoiser's initial weights stay those of plain training
+                              f"train.grad_accum={tc.grad_accum}); raise the batch"
+                              + ('' if sd.global_batch else ' or use sadm.global_batch=true'))
+        if sd.omega == 'constant' and sd.t_max > 0.8 and self.cfg.diffusion.prediction != 'x0':
+            warnings.warn(f"sadm.omega='constant' with sadm.t_max={sd.t_max}: near t = T the gradient through "
+                          f"x0-hat is amplified by sigma/alpha (up to ~1e4); sadm.omega=snr or dsm avoids it")
+        cuda = [self.device.index or 0] if self.device.type == 'cuda' else []
+        with torch.random.fork_rng(devices=cuda):   # its own seed: the denoiser's initial weights stay those of plain training
             torch.manual_seed(tc.seed + 7_777)
             enc = StructureEncoder(tuple(self.data.images.shape[1:]), dim=sd.encoder_dim, width=sd.encoder_width,
                                    time_cond=sd.time_cond, spectral_norm=sd.spectral_norm).to(self.device)
         self.d_opt = torch.optim.AdamW(enc.parameters(), lr=sd.d_lr, betas=(sd.d_beta1, 0.999), weight_decay=0.0)
         self._encoder = enc
-        self.encoder = self.acc.prepare_model(enc) if self.acc.num_processes > 1 else enc   # DDP averages its gradients
+        self.encoder = enc
+        if self.acc.num_processes > 1:   # DDP averages its gradients; plain DDP, not accelerate's, which would add fp16 autocast
+            from torch.nn.parallel import DistributedDataParallel
+            self.encoder = DistributedDataParallel(enc, device_ids=cuda or None)
         self.sadm = StructureTerm(self.diffusion, weight=sd.weight, warmup_steps=sd.warmup_steps, start_step=sd.start_step,
                                   omega=sd.omega, t_max=sd.t_max, omega_cap=sd.omega_cap, affinity=sd.affinity, tau=sd.tau,
                                   p=sd.p, x0_clip=sd.x0_clip, d_steps=sd.d_steps, d_every=sd.d_every,
@@ -387,12 +396,12 @@ class Trainer:
         image, same ω). Main process, this process's model, no gathering."""
         if self.sadm is None or self.cfg.sadm.heldout_size < 2: return {}
         x0, y, t, noise = self.sadm_heldout_batch()
-        net = self.unwrapped
-        was = net.training
-        net.eval()
+        net, enc = self.unwrapped, self._encoder
+        was = net.training, enc.training
+        net.eval(); enc.eval()                         # (spectral norm's power iteration does not advance either)
         pred = self.diffusion.training_losses(net, x0, y=y, t=t, noise=noise)['pred_x0']
-        net.train(was)
-        cur, n = self.sadm.distance(self._encoder, x0, pred, t, gather=False)
+        cur, n = self.sadm.distance(enc, x0, pred, t, gather=False)
+        net.train(was[0]); enc.train(was[1])
         if n < 2: return {}
         from sadm_lab.structure import structural_distance
         w = self.sadm.omega(t)
@@ -540,18 +549,21 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None: self.ema.update(self.unwrapped)
         self.step += 1
+        extra.pop('_sums', None)
         return {'loss': total, 'grad_norm': gnorm.detach() if torch.is_tensor(gnorm) else torch.tensor(float(gnorm)), 'lr': lr,
                 **({'lambda': lam, **extra} if sadm is not None else {})}
 
     def _sadm_micro(self, sadm, x0, out, lam, step, extra, accum) -> dict:
         "One micro-batch of SADM: discriminator update(s) on sg(x̂0), then the generator term (returned as `_g`)."
         x0_hat, t = out['pred_x0'], out['t']
+        vals = {}
         if sadm.d_due(step):
-            d = sadm.d_update(self.encoder, self.d_opt, x0, x0_hat, t, grad_clip=self.cfg.train.grad_clip)
-            for k, v in d.items(): extra[k] = extra.get(k, 0.0) + v / accum
+            vals = sadm.d_update(self.encoder, self.d_opt, x0, x0_hat, t, grad_clip=self.cfg.train.grad_clip)
         g, n = sadm.g_term(self._encoder, x0, x0_hat, t, grad=lam > 0)
-        if n >= 2: extra['g_struct'] = extra.get('g_struct', 0.0) + g.detach() / (accum * (self.acc.num_processes if sadm.global_batch else 1))
-        extra['_g'] = g
+        if n >= 2: vals['g_struct'] = g.detach() / (self.acc.num_processes if sadm.global_batch else 1)
+        sums = extra.setdefault('_sums', {})            # mean over the micro-batches that produced each value
+        for k, v in vals.items(): a, c = sums.get(k, (0.0, 0)); sums[k] = (a + v, c + 1)
+        extra.update({k: a / c for k, (a, c) in sums.items()}, _g=g)
         return extra
 
     # -- samples and evaluation ------------------------------------------------------------------------

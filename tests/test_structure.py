@@ -157,3 +157,12 @@ def test_global_batch_structure_on_two_processes_matches_one_process(tmp_path):
     for k in r0['encoder']: assert torch.equal(r0['encoder'][k], r1['encoder'][k]), k
     logs = _train_logs(tmp_path / 'run')
     assert logs[-1]['g_struct'] > 0 and 'heldout_struct' in logs[-1]
+
+
+def test_sadm_warns_where_large_t_is_unsafe(tmp_path):
+    with pytest.warns(UserWarning, match='sigma/alpha'):
+        Trainer(_cfg(*SADM, 'sadm.t_max=1.0'), tmp_path / 'a', progress=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)      # the safe settings: no warning
+        Trainer(_cfg(*SADM, 'sadm.t_max=1.0', 'sadm.omega=snr'), tmp_path / 'b', progress=False)
