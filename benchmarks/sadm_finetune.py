@@ -203,7 +203,7 @@ def _plot(s, path):
         ax.errorbar([i], [statistics.mean(f)], yerr=[statistics.stdev(f) if len(f) > 1 else 0], fmt='_', color='k', ms=14)
     ax.axhline(s['base_fid'], ls=':', color='gray', label='base model')
     ax.set_xticks(range(len(arms))); ax.set_xticklabels(arms, rotation=35, ha='right', fontsize=8)
-    ax.set_ylabel('final FID'); ax.legend(fontsize=7); ax.grid(alpha=0.3)
+    ax.set_ylabel('final FID'); ax.set_yscale('log'); ax.legend(fontsize=7); ax.grid(alpha=0.3)
     fig.tight_layout(); fig.savefig(path); plt.close(fig)
 
 
