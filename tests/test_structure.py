@@ -1,5 +1,4 @@
 "SADM in the trainer: λ = 0 is plain training bit for bit, the minimax updates, resume, fine-tuning, logs, 2 processes."
-import os, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -136,14 +135,8 @@ WORKER = Path(__file__).parent / 'ddp_structure_worker.py'
 
 
 @pytest.mark.slow
-def test_global_batch_structure_on_two_processes_matches_one_process(tmp_path):
-    env = {**os.environ, 'ACCELERATE_USE_CPU': '1', 'OMP_NUM_THREADS': '1'}
-    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
-           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', str(WORKER), str(tmp_path)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    outs = [tmp_path / f'rank{r}.pt' for r in (0, 1)]
-    assert all(o.is_file() for o in outs), p.stdout[-3000:] + p.stderr[-3000:]
-    r0, r1 = (torch.load(o, weights_only=True) for o in outs)
+def test_global_batch_structure_on_two_processes_matches_one_process(tmp_path, launch_two_processes):
+    r0, r1 = (torch.load(o, weights_only=True) for o in launch_two_processes(WORKER, tmp_path))
     ref = r0['ref']
     assert r0['world'] == r1['world'] == 2 and r0['n'] == r1['n'] == 8        # every process sees the global batch
     for r in (r0, r1):
