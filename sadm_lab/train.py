@@ -540,7 +540,7 @@ class Trainer:
                 loss = out['loss'].float().mean()
                 total += loss.detach() / tc.grad_accum
                 if sadm is not None and keep_idx is None:
-                    extra = self._sadm_micro(sadm, x0, out, lam, step, extra, tc.grad_accum)
+                    extra = self._sadm_micro(sadm, x0, out, lam, step, extra)
                     if lam > 0: loss = loss + lam * extra.pop('_g')
                     else: extra.pop('_g', None)
                 self.acc.backward(loss / tc.grad_accum)
@@ -553,7 +553,7 @@ class Trainer:
         return {'loss': total, 'grad_norm': gnorm.detach() if torch.is_tensor(gnorm) else torch.tensor(float(gnorm)), 'lr': lr,
                 **({'lambda': lam, **extra} if sadm is not None else {})}
 
-    def _sadm_micro(self, sadm, x0, out, lam, step, extra, accum) -> dict:
+    def _sadm_micro(self, sadm, x0, out, lam, step, extra) -> dict:
         "One micro-batch of SADM: discriminator update(s) on sg(x̂0), then the generator term (returned as `_g`)."
         x0_hat, t = out['pred_x0'], out['t']
         vals = {}
