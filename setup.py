@@ -27,7 +27,10 @@ setuptools.setup(
                 + ['Programming Language :: Python :: ' + v for v in py_versions
                    if Version(v) >= Version(min_python)],
     url=cfg['git_url'],
-    packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
+    # the workshop notebooks (nbs/tutorials) ship inside the package as data, for `sadm-lab workshop DIR`
+    packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']) + [cfg['lib_name'] + '.tutorials'],
+    package_dir={cfg['lib_name'] + '.tutorials': 'nbs/tutorials'},
+    package_data={cfg['lib_name'] + '.tutorials': ['*.ipynb']},
     include_package_data=True,
     install_requires=reqs('requirements'),
     extras_require={'lab': reqs('lab_requirements'), 'emoji': reqs('emoji_requirements'),

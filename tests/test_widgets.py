@@ -118,7 +118,7 @@ def test_explorer_from_a_sadm_run_uses_its_encoder_and_affinity(sadm_run):
     before = r['distance']
     ex.controls['t'].value = 900
     assert ex.wait(60) and ex.result['t'] == 900 and ex.result['distance'] != before
-    assert f"t = 900" in ex.fig.layout.annotations[1].text
+    assert "t = 900" in ex.fig.layout.annotations[1].text
     old = ex.x0.clone()
     ex.new_batch.click(); ex.wait(60)
     assert not torch.equal(old, ex.x0)
