@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for set-up, the demo and the tests. Needs only python3 (>= 3.9) with pip and venv.
 #   bash dev.sh demo [args]   install into .venv, then run `sadm-lab demo` on the bundled digits
-#   bash dev.sh test          install into .venv (with dev tools), then every check CI runs
+#   bash dev.sh test          install into .venv (with dev tools and the lab extra), then every check CI runs
+#                             (the browser tests need Debian's chromium: .ci/run installs it)
 #   bash dev.sh install       only the install
 # Environment: VENV (default .venv), TORCH_SPEC (default torch==2.13.0, the CPU build on this project's machines;
 # on a GPU machine pick the build you need, e.g. TORCH_SPEC='torch>=2.4').
@@ -51,6 +52,6 @@ cmd=${1:-help}; shift || true
 case "$cmd" in
   install) install core ;;
   demo)    install core; "$VENV/bin/sadm-lab" demo "$@" ;;
-  test)    install "dev,emoji"; checks ;;
+  test)    install "dev,emoji,lab"; checks ;;
   *) sed -n '2,8p' "$0"; exit 1 ;;
 esac
