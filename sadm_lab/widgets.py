@@ -350,7 +350,7 @@ class ManifoldExplorer:
         self.result = res
         self._render()
         if s['layout'] == 'umap':
-            self._status("PCA layout shown; UMAP layout on its way"
+            self._status("PCA shown while UMAP computes"
                          + ("" if umap_ready() else " (first UMAP in this kernel compiles numba code: ~20 s)") + "…")
             key = (self.seed, s['t'], s['space'], s['kind'], s['k'])
             xy = self._umap_cache.get(key)
@@ -383,7 +383,7 @@ class ManifoldExplorer:
         self.new_batch.on_click(lambda b: self.draw_batch(self.seed + 1))
         self.status = W.HTML(); self.status.add_class('sadm-status')
         self.distance_label = W.HTML(); self.distance_label.add_class('sadm-distance')
-        for name, w in c.items(): w.add_class(f'sadm-{name}')
+        for name, w in c.items(): w.add_class(f'sadm-explorer-{name}')
         fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.06, subplot_titles=('real batch', 'x̂0 predictions'))
         for col in (1, 2):
             fig.add_trace(go.Scatter(x=[], y=[], mode='lines', line=dict(width=0.6, color='rgba(90,90,90,0.35)'),
@@ -397,7 +397,7 @@ class ManifoldExplorer:
         fig.update_layout(height=380, width=760, margin=dict(l=10, r=10, t=40, b=10), hovermode='closest',
                           template='plotly_white')
         self.fig = go.FigureWidget(fig)
-        for tr in (self.fig.data[1], self.fig.data[4]): tr.on_hover(self._on_hover)
+        for tr in (self.fig.data[1], self.fig.data[4]): tr.on_hover(self._on_hover); tr.on_click(self._on_hover)
         hm = make_subplots(rows=1, cols=3, horizontal_spacing=0.08,
                            subplot_titles=('affinity: real', 'affinity: x̂0', '|real − x̂0|'))
         for col in (1, 2, 3):
@@ -406,8 +406,9 @@ class ManifoldExplorer:
         hm.update_yaxes(autorange='reversed', showticklabels=False); hm.update_xaxes(showticklabels=False)
         hm.update_layout(height=260, width=760, margin=dict(l=10, r=10, t=40, b=10), template='plotly_white')
         self.heatmaps = go.FigureWidget(hm)
-        self.thumb_real, self.thumb_fake = (W.Image(format='png', width=96, height=96) for _ in range(2))
-        self.hover_label = W.HTML('<i>hover a point</i>')
+        blank = thumbnail(torch.ones(1, 8, 8))                 # white until a point is hovered
+        self.thumb_real, self.thumb_fake = (W.Image(value=blank, format='png', width=96, height=96) for _ in range(2))
+        self.hover_label = W.HTML('<i>hover a point</i>'); self.hover_label.add_class('sadm-explorer-hover')
         side = W.VBox([W.HTML('<b>under the cursor</b>'), self.hover_label,
                        W.HBox([W.VBox([W.HTML('real'), self.thumb_real]), W.VBox([W.HTML('x̂0'), self.thumb_fake])])],
                       layout=W.Layout(width='220px'))
@@ -588,7 +589,7 @@ class MaskVisualiser:
             c['t'] = W.IntSlider(value=int(t), min=0, max=T - 1, step=max(1, T // 100), description='t (noise)',
                                  style=style, continuous_update=False)
         for name, wd in c.items():
-            wd.add_class(f'sadm-{name}')
+            wd.add_class(f'sadm-mask-{name}')
             wd.observe(lambda ch: self._sync_and_refresh(), names='value')
         self.count = W.HTML(); self.count.add_class('sadm-visible-count')
         self.overlay_img = W.Image(format='png')
@@ -685,7 +686,8 @@ class TrainingDashboard(Callback):
         add('mem', 5, 'process memory', line=dict(color='#e377c2'))
         add('gpu_util', 5, 'GPU utilisation (%)', line=dict(color='#bcbd22', dash='dot'))
         fig.update_yaxes(type='log', row=1, col=1)
-        fig.update_layout(height=460, width=900, margin=dict(l=40, r=10, t=40, b=30), template='plotly_white',
+        fig.update_yaxes(exponentformat='e', row=1, col=3)
+        fig.update_layout(height=460, width=820, margin=dict(l=40, r=10, t=40, b=30), template='plotly_white',
                           legend=dict(orientation='h', y=-0.12), showlegend=True)
         self.fig = go.FigureWidget(fig)
         self.header = W.HTML(title and f"<b>{title}</b>"); self.header.add_class('sadm-dash-header')
@@ -694,9 +696,10 @@ class TrainingDashboard(Callback):
                                     tooltip='finish the current step, write a checkpoint and stop')
         self.stop_button.add_class('sadm-dash-stop')
         self.stop_button.on_click(lambda b: self.stop())
-        self.samples = W.Image(format='png', width=256); self.samples.add_class('sadm-dash-samples')
+        self.samples = W.Image(format='png', width=200); self.samples.add_class('sadm-dash-samples')
         self.widget = W.VBox([W.HBox([self.header, self.status, self.stop_button]),
-                              W.HBox([self.fig, W.VBox([W.HTML('<b>latest samples</b>'), self.samples])])])
+                              W.HBox([self.fig, W.VBox([W.HTML('<b>latest samples</b>'), self.samples],
+                                                       layout=W.Layout(width='210px', min_width='210px'))])])
         self.widget.add_class('sadm-dashboard')
 
     # -- data -----------------------------------------------------------------------------------------
