@@ -737,6 +737,8 @@ class TrainingDashboard(Callback):
                 for key, i in self._traces.items():
                     xs, ys = self.series.get(key, ([], []))
                     self.fig.data[i].x, self.fig.data[i].y = list(xs), list(ys)
+                lr = self.series.get('lr', ([], []))[1]
+                if lr: self.fig.layout.yaxis3.range = [0, 1.15 * max(lr)]   # a constant lr would autoscale around 0
             self._dirty, self._last_flush = False, now
 
     def _set_status(self, text: str, color: str = '#444'):
