@@ -343,6 +343,12 @@ class ManifoldExplorer:
         return self._worker.wait(timeout)
 
     def _job(self, s: dict, *, is_current):
+        try: self._job_inner(s, is_current=is_current)
+        except Exception as e:                          # shown where the user looks; `wait()` re-raises it
+            self._status(f"<span style='color:#b00'>error: {type(e).__name__}: {e}</span>")
+            raise
+
+    def _job_inner(self, s: dict, *, is_current):
         res = self.compute(**s)
         if not is_current(): return
         if self.result is not None and len(self.result['layout']) == len(res['layout']):
@@ -562,6 +568,9 @@ class MaskVisualiser:
         except ConfigError as e:                        # e.g. a ratio that leaves no visible token: say so, keep the last view
             self.count.value = f"<span style='color:#b00'>{e}</span>"
             return
+        except Exception as e:                          # shown where the user looks; `wait()` re-raises it
+            self.count.value = f"<span style='color:#b00'>error: {type(e).__name__}: {e}</span>"
+            raise
         if not is_current(): return
         self.result = out
         n, N = out['visible'], out['tokens']
