@@ -113,3 +113,23 @@ def test_widgets_render_and_respond_in_jupyterlab(lab, page):
     assert list((lab.root / 'runs' / 'e2e-dash' / 'checkpoints').glob('*.pt')), 'Stop wrote no checkpoint'
     screenshot(page, 'notebook_full')
     assert not offsite.hosts, f"requests left 127.0.0.1: {offsite.hosts[:5]}"
+
+
+@pytest.mark.slow
+def test_workshop_notebook_runs_in_jupyterlab(lab, page):
+    "`sadm-lab workshop` copies the tutorials; the widget tutorial then runs end to end in the browser."
+    import subprocess, sys
+    ws = lab.root / 'workshop'
+    p = subprocess.run([sys.executable, '-m', 'sadm_lab.cli', 'workshop', str(ws)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and 'jupyter lab' in p.stdout, p.stdout + p.stderr
+    nb = 'workshop/04_exploring_structure.ipynb'
+    assert (lab.root / nb).is_file()
+    open_notebook(page, lab, nb)
+    run_all(page)
+    wait_for_text(page, 'visible tokens:', timeout=420)         # the last cell's output
+    assert 'finished at step 400' in widget_text(page, 'sadm-dash-status')
+    assert _plotly_len(page, '.sadm-dashboard', 0) == 400         # every step's loss reached the browser
+    assert _plotly_len(page, '.sadm-manifold-explorer', 1) == 48 and _plotly_len(page, '.sadm-manifold-explorer', 4) == 48
+    wait_until(lambda: widget_text(page, 'sadm-visible-n') == '4', page=page, what="the run's 75% patch mask")
+    screenshot(page, 'workshop_04_dashboard', locator=page.locator(f'{PANEL} .sadm-dashboard'))
+    screenshot(page, 'workshop_04_explorer', locator=page.locator(f'{PANEL} .sadm-manifold-explorer'))
