@@ -160,13 +160,10 @@ def cmd_presets(a) -> int:
 # %% ../nbs/api/10_cli.ipynb #b1a24bfd
 def tutorials_dir() -> Path:
     "The folder holding the workshop notebooks: inside the installed package, or `nbs/tutorials` of a checkout."
-    import importlib.resources, sadm_lab
-    try:
-        p = Path(str(importlib.resources.files('sadm_lab.tutorials')))
+    import sadm_lab
+    pkg = Path(sadm_lab.__file__).resolve().parent
+    for p in (pkg / 'tutorials', pkg.parent / 'nbs' / 'tutorials'):     # a wheel's data; a checkout (editable install)
         if any(p.glob('*.ipynb')): return p
-    except (ModuleNotFoundError, TypeError): pass
-    p = Path(sadm_lab.__file__).resolve().parent.parent / 'nbs' / 'tutorials'
-    if any(p.glob('*.ipynb')): return p
     raise SadmError("the workshop notebooks are not installed with this copy of sadm_lab (no sadm_lab/tutorials "
                     "and no nbs/tutorials next to the package); reinstall it from a wheel or a checkout")
 
