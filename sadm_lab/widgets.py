@@ -673,6 +673,7 @@ class TrainingDashboard(Callback):
         self.series: dict[str, tuple[list, list]] = {}
         self.trainer = self.thread = self.error = None
         self.stopped_at: int | None = None
+        self.stages: list[tuple[str, int]] = []
         self._dirty, self._last_flush, self._lock = False, 0.0, threading.RLock()
         self._follow_stop = threading.Event()
         self._total = None
@@ -762,6 +763,19 @@ class TrainingDashboard(Callback):
         self._t0, self._step0 = time.perf_counter(), trainer.step
         self.stop_button.disabled = False
         self._set_status(f"training {trainer.cfg.name} on {trainer.device} from step {trainer.step} of {self._total}")
+        self.mark_stages(trainer.cfg)
+
+    def mark_stages(self, cfg):
+        "Dotted lines on the loss panel where a run's stages start (MaskDM's switch to unmasked steps, SADM's start)."
+        from sadm_lab.demo import run_stages
+        self.stages = [(name, step) for name, step in run_stages(cfg) if step > 0]
+        shapes = [dict(type='line', xref='x', yref='y domain', x0=step, x1=step, y0=0, y1=1,
+                       line=dict(color='#888', dash='dot', width=1)) for _, step in self.stages]
+        notes = [dict(xref='x', yref='y domain', x=step, y=1, text=name, showarrow=False, xanchor='left',
+                      font=dict(size=9, color='#666')) for name, step in self.stages]
+        with self.fig.batch_update():                   # (the subplot titles are the first annotations)
+            self.fig.layout.shapes = shapes
+            self.fig.layout.annotations = list(self.fig.layout.annotations[:len(_PANELS)]) + notes
 
     def on_step_end(self, trainer, logs):
         step = logs['step']
@@ -845,6 +859,9 @@ class TrainingDashboard(Callback):
         self._follow_stop.clear()
         tail = MetricsTail(run.metrics_path)
         self._set_status(f"following {run.path}")
+        if run.config_path.is_file():
+            from sadm_lab.config import load_config
+            self.mark_stages(load_config(run.config_path))
         self.stop_button.disabled = True
         def poll():
             last_sample = None
