@@ -37,6 +37,20 @@ def test_notebooks_are_committed_without_outputs():
             assert not c.get('outputs'), f"{nb} has outputs: run nbdev_clean / clear outputs"
 
 
+def test_imports_stand_in_cells_of_their_own():
+    "The docs build re-executes every cell holding an import, whatever its flags: other code there would run out of context."
+    bad = []
+    for nb in NBS.rglob('*.ipynb'):
+        if '.ipynb_checkpoints' in nb.parts: continue
+        for i, c in enumerate(json.loads(nb.read_text())['cells']):
+            src = ''.join(c['source'])
+            if c['cell_type'] != 'code' or re.search(r'^#\|\s*export', src, re.M): continue
+            lines = [l for l in src.splitlines() if l.strip() and not l.lstrip().startswith('#')]
+            imports = [l for l in lines if re.match(r'\s*(import \S|from \S+ import )', l)]
+            if imports and len(imports) != len(lines): bad.append(f"{nb.relative_to(ROOT)} cell {i}: {imports[0].strip()}")
+    assert not bad, "cells mixing imports with other code:\n" + '\n'.join(bad)
+
+
 def test_pyflakes_is_clean():
     r = subprocess.run([sys.executable, '-m', 'pyflakes', str(PKG), str(ROOT / 'tests'), str(ROOT / 'benchmarks')],
                        capture_output=True, text=True)
