@@ -692,7 +692,8 @@ class TrainingDashboard(Callback):
         add('lr', 2, 'learning rate', line=dict(color='#2ca02c'))
         add('img_per_s', 3, 'images/s', line=dict(color='#ff7f0e'))
         add('fid', 4, 'FID', mode='lines+markers', line=dict(color='#17becf'))
-        add('fid_floor', 4, 'real-vs-real floor', mode='lines', line=dict(color='#7f7f7f', dash='dash'))
+        add('fid_floor', 4, 'real-vs-real floor', mode='lines+markers', line=dict(color='#7f7f7f', dash='dash'),
+            marker=dict(symbol='line-ew-open', size=14, color='#7f7f7f'))
         add('mem', 5, 'process memory', line=dict(color='#e377c2'))
         add('gpu_util', 5, 'GPU utilisation (%)', line=dict(color='#bcbd22', dash='dot'))
         fig.update_yaxes(type='log', row=1, col=1)

@@ -129,6 +129,8 @@ def test_workshop_notebook_runs_in_jupyterlab(lab, page):
     wait_for_text(page, 'visible tokens:', timeout=420)         # the last cell's output
     assert 'finished at step 400' in widget_text(page, 'sadm-dash-status')
     assert _plotly_len(page, '.sadm-dashboard', 0) == 400         # every step's loss reached the browser
+    assert _plotly_len(page, '.sadm-dashboard', 7) == 1           # the final FID point (trace 7) ...
+    assert _plotly_len(page, '.sadm-dashboard', 2) > 0            # ... and SADM's generator term (trace 2)
     assert _plotly_len(page, '.sadm-manifold-explorer', 1) == 48 and _plotly_len(page, '.sadm-manifold-explorer', 4) == 48
     wait_until(lambda: widget_text(page, 'sadm-visible-n') == '4', page=page, what="the run's 75% patch mask")
     screenshot(page, 'workshop_04_dashboard', locator=page.locator(f'{PANEL} .sadm-dashboard'))
