@@ -674,6 +674,7 @@ class TrainingDashboard(Callback):
         self.trainer = self.thread = self.error = None
         self.stopped_at: int | None = None
         self.stages: list[tuple[str, int]] = []
+        self.last_event: str | None = None              # 'end' or 'stopped' once a run folder says so
         self._dirty, self._last_flush, self._lock = False, 0.0, threading.RLock()
         self._follow_stop = threading.Event()
         self._total = None
@@ -737,7 +738,7 @@ class TrainingDashboard(Callback):
             elif kind == 'event':
                 ev = rec.get('event')
                 self._set_status(f"{ev} at step {step}" + (f" ({rec.get('stage')})" if ev == 'stage' else ''))
-                if ev in ('end', 'stopped'): self.stopped_at = step
+                if ev in ('end', 'stopped'): self.stopped_at, self.last_event = step, ev
 
     def flush(self, force: bool = False):
         "Push buffered points to the figure (at most every `refresh_s` seconds unless `force`)."
@@ -879,7 +880,10 @@ class TrainingDashboard(Callback):
                 self.flush(force=True)
                 ended = until_end and any(r.get('kind') == 'event' and r.get('event') in ('end', 'stopped') for r in recs)
                 if ended or self._follow_stop.wait(interval): break
-            if ended: self._set_status(f"{run.path.name}: {'finished' if self.stopped_at is not None else 'ended'} at step {self.stopped_at}", '#070')
+            if ended:
+                done = self.last_event == 'end'
+                self._set_status(f"{run.path.name}: {'finished' if done else 'stopped'} at step {self.stopped_at}",
+                                 '#070' if done else '#a60')
         self.thread = threading.Thread(target=poll, name='sadm-follow', daemon=True)
         self.thread.start()
         return self.thread

@@ -212,6 +212,10 @@ def test_dashboard_stop_button_ends_training_with_a_checkpoint_and_resume_is_exa
     # every step reached the curve, and the memory panel got the process's resident memory at each log line
     assert dash.series['loss'][0] == list(range(1, step + 1))
     assert len(dash.series['mem'][0]) == len(dash.series['loss_log'][0]) > 0
+    # following the stopped run folder says it stopped (not finished)
+    fol = TrainingDashboard(refresh_s=0.0)
+    fol.follow(tmp_path / 'run', interval=0.05)
+    assert fol.wait(30) and fol.stopped_at == step and f'stopped at step {step}' in fol.status.value
     # the stopped run resumes exactly where it stopped
     tr = Trainer(get_config('smoke', ['train.steps=100000', 'train.log_every=2', 'train.ckpt_every=100000', 'eval.enabled=false']),
                  tmp_path / 'run', resume=True, progress=False)
