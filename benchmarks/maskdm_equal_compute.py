@@ -37,13 +37,13 @@ Results are what they are: the script makes no claim either way.
     python benchmarks/maskdm_equal_compute.py --steps 1000 --match time --ratio 0.9 --seeds 0 1 2 3 4
 """
 from __future__ import annotations
-import argparse, json, shutil, statistics, sys, tempfile, time
+import argparse, json, shutil, statistics, tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
+from _common import fit_run, interleaved_times  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 from sadm_lab.config import get_config  # noqa: E402
 from sadm_lab.core import atomic_write_json, atomic_write_text  # noqa: E402
-from sadm_lab.masking import visible_count  # noqa: E402
+from sadm_lab.masking import STRATEGIES, visible_count  # noqa: E402
 from sadm_lab.models import flops_per_forward  # noqa: E402
 from sadm_lab.train import Trainer  # noqa: E402
 
@@ -69,44 +69,10 @@ def masked_time_ratio(base_overrides, a, tmp: Path, reps=5, steps=4) -> tuple[fl
         m = [f'mask.strategy={a.strategy}', f'mask.ratio={a.ratio}', f'mask.block_size={a.block_size}'] if masked else []
         trs[masked] = Trainer(get_config(a.base, [*base_overrides, 'train.steps=100000', 'eval.enabled=false', *m]),
                               tmp / f'probe-{"masked" if masked else "unmasked"}', progress=False)
-        for _ in range(2): trs[masked].train_step()                      # warm-up
-    times = {False: [], True: []}
-    for _ in range(reps):
-        for masked, tr in trs.items():
-            t0 = time.perf_counter()
-            for _ in range(steps): tr.train_step()
-            times[masked].append((time.perf_counter() - t0) / steps)
+    times = interleaved_times({k: tr.train_step for k, tr in trs.items()}, reps=reps, steps=steps, warmup=2,
+                              device=trs[False].device)
     t_u, t_m = statistics.median(times[False]), statistics.median(times[True])
     return t_m / t_u, t_m, t_u
-
-
-def training_times(recs: list[dict]) -> tuple[list[dict], float]:
-    """The eval records of a run, each with `train_s` (training seconds up to it), and the run's total training
-    seconds: wall-clock of each session (from its start or resume event to its last record) minus evaluations."""
-    total, seg_start, last, evals = 0.0, None, None, []
-    for r in recs:
-        if r.get('event') in ('start', 'resume'):
-            if seg_start is not None: total += last - seg_start
-            seg_start = last = r['time']
-        elif seg_start is not None and 'time' in r:
-            last = r['time']
-            if r['kind'] == 'eval':
-                total -= r['seconds']
-                evals.append(dict(r, train_s=total + last - seg_start))
-    return evals, total + (last - seg_start if seg_start is not None else 0.0)
-
-
-def _fit(cfg, run_dir: Path, progress, evaluate: bool):
-    """Train one run, or finish an interrupted one, or reuse a finished one (a re-run of the script picks up where
-    it stopped; a changed config is refused by the trainer). Building the FID evaluator is kept out of the times."""
-    tr = Trainer(cfg, run_dir, resume=True if (run_dir / 'config.json').is_file() else None, progress=progress)
-    if not any(r.get('event') == 'end' for r in tr.run.read_metrics()):
-        if evaluate: tr.evaluator()
-        tr.fit()
-    recs = tr.run.read_metrics()
-    evals, train_s = training_times(recs)
-    return {'run': str(tr.run.path), 'evals': evals, 'train_s': train_s,
-            'resumed': any(r.get('event') == 'resume' for r in recs)}
 
 
 def run_arm(arm, seed, plan, a, out):
@@ -116,14 +82,14 @@ def run_arm(arm, seed, plan, a, out):
     mask = [f'mask.strategy={a.strategy}', f'mask.ratio={a.ratio}', f'mask.block_size={a.block_size}']
     name = f'{arm}-s{seed}'
     if arm == 'scratch':
-        r = _fit(get_config(a.base, [f'name={name}', *base, f'train.steps={S}', f'train.eval_every={max(1, S // a.evals)}']),
-                 out / name, a.progress, True)
+        r = fit_run(get_config(a.base, [f'name={name}', *base, f'train.steps={S}', f'train.eval_every={max(1, S // a.evals)}']),
+                    out / name, progress=a.progress)
         pts = [(e['step'], e['train_s'], e) for e in r['evals']]
         return r | {'points': pts, 'updates': S}
     if arm == 'maskdm':
-        r = _fit(get_config(a.base, [f'name={name}', *base, *mask, f'train.steps={P + F}', f'mask.pretrain_steps={P}',
-                                     f'mask.finetune_warmup_steps={a.finetune_warmup}',
-                                     f'train.eval_every={max(1, (P + F) // a.evals)}']), out / name, a.progress, True)
+        r = fit_run(get_config(a.base, [f'name={name}', *base, *mask, f'train.steps={P + F}', f'mask.pretrain_steps={P}',
+                                        f'mask.finetune_warmup_steps={a.finetune_warmup}',
+                                        f'train.eval_every={max(1, (P + F) // a.evals)}']), out / name, progress=a.progress)
         pts = [(min(e['step'], P) * c_flops + max(0, e['step'] - P), e['train_s'], e) for e in r['evals']]
         return r | {'points': pts, 'updates': P + F}
     # two runs: a first stage (on the source, or small batches on the target), then unmasked fine-tuning on the
@@ -138,11 +104,11 @@ def run_arm(arm, seed, plan, a, out):
         q_flops = Q * (c_flops if masked else 1.0)
         first = [*plan['source'], *(mask if masked else []), 'eval.enabled=false']
     on_target = arm == 'small-batch'
-    pre = _fit(get_config(a.base, [f'name={name}-pretrain', f'train.seed={seed}', *plan['common'], *first,
-                                   f'train.steps={Q}']), out / f'{name}-pretrain', a.progress, on_target)
-    ft = _fit(get_config(a.base, [f'name={name}', *base, f'train.steps={F}', f'train.init_from={pre["run"]}',
-                                  f'train.warmup_steps={a.finetune_warmup}', f'train.eval_every={max(1, F // a.evals)}']),
-              out / name, a.progress, True)
+    pre = fit_run(get_config(a.base, [f'name={name}-pretrain', f'train.seed={seed}', *plan['common'], *first,
+                                      f'train.steps={Q}']), out / f'{name}-pretrain', progress=a.progress, evaluate=on_target)
+    ft = fit_run(get_config(a.base, [f'name={name}', *base, f'train.steps={F}', f'train.init_from={pre["run"]}',
+                                     f'train.warmup_steps={a.finetune_warmup}', f'train.eval_every={max(1, F // a.evals)}']),
+                 out / name, progress=a.progress)
     pts = [(e['step'] * q_flops / Q, e['train_s'], e) for e in pre['evals']] if on_target else []
     pts += [(q_flops + e['step'], pre['train_s'] + e['train_s'], e) for e in ft['evals']]
     return ft | {'points': pts, 'updates': Q + F, 'pretrain_s': pre['train_s'], 'train_s': pre['train_s'] + ft['train_s'],
@@ -158,7 +124,7 @@ def main(argv=None):
     p.add_argument('--steps', type=int, default=500, help='budget S in unmasked-step equivalents')
     p.add_argument('--match', choices=('flops', 'time'), default='flops', help='what the masked step cost c measures')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    p.add_argument('--strategy', default='patch', choices=('patch', 'block', 'crop'))
+    p.add_argument('--strategy', default='patch', choices=STRATEGIES)
     p.add_argument('--ratio', type=float, default=0.75)
     p.add_argument('--block-size', type=int, default=2)
     p.add_argument('--pretrain-frac', type=float, default=0.5, help='share of the budget spent pre-training')

@@ -3,7 +3,7 @@
 
 One training step is what `sadm_lab.train` does per micro-batch: draw a mask (`sadm_lab.masking.make_mask`, strategy
 'patch' by default) and turn it into `keep_idx` (`mask_to_keep_idx`), forward plus the masked denoising loss
-(`Diffusion.training_losses(model, x0, y=, generator=, keep_idx=, net=)`), backward, AdamW step. Ratio 0 is the
+(`Diffusion.training_losses(model, x0, y=, generator=, view=token_view(model, keep_idx))`), backward, AdamW step. Ratio 0 is the
 unmasked baseline (`keep_idx=None`, i.e. `mask.strategy='none'`). Each preset has one model and one AdamW optimizer,
 shared by all its ratios; short repetitions of all ratios are interleaved (order alternating between repetitions) so
 drifts in machine load hit every ratio alike. Reported per ratio: ms/step (best repetition, like `timeit`; median and
@@ -60,11 +60,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
-from _common import sync, rss_bytes, peak_rss_bytes, run_memory_probe   # noqa: E402  (benchmarks/ is on sys.path as the script dir)
+from _common import sync, rss_bytes, peak_rss_bytes, run_memory_probe   # noqa: E402  (benchmarks/ is on sys.path)
 from sadm_lab.models import build_model, family_of, flops_per_forward, count_params   # noqa: E402
 from sadm_lab.diffusion import Diffusion   # noqa: E402
-from sadm_lab.masking import STRATEGIES, make_mask, mask_to_keep_idx, token_grid, visible_count   # noqa: E402
+from sadm_lab.masking import STRATEGIES, make_mask, mask_to_keep_idx, token_grid, token_view, visible_count   # noqa: E402
 
 TARGET = dict(model='DiT-S/2', ratio=0.9, speedup=4.0)   # the target, on CPU
 
@@ -97,7 +96,8 @@ class Bench:
     def step(self, ratio: float):
         keep_idx = self.keep_idx(ratio)
         with self.amp:
-            out = self.diffusion.training_losses(self.model, self.x0, y=self.y, generator=self.gen, keep_idx=keep_idx, net=self.model)
+            view = None if keep_idx is None else token_view(self.model, keep_idx)
+            out = self.diffusion.training_losses(self.model, self.x0, y=self.y, generator=self.gen, view=view)
         loss = out['loss'].float().mean()
         loss.backward()
         m0 = self._mark()

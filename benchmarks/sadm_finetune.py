@@ -31,13 +31,11 @@ time (one thread each). Results are what they are: the script makes no claim eit
     python benchmarks/sadm_finetune.py --ablations --jobs 2    # + λ grid, random encoder, affinities, t-range
 """
 from __future__ import annotations
-import argparse, json, multiprocessing, statistics, sys, tempfile, time
+import argparse, json, multiprocessing, statistics, tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from maskdm_equal_compute import _fit  # noqa: E402  (train / resume / reuse one run, training time without evals)
+from _common import fit_run, interleaved_times  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 from sadm_lab.config import get_config  # noqa: E402
 from sadm_lab.core import atomic_write_json, atomic_write_text  # noqa: E402
 from sadm_lab.train import Trainer, RunDir  # noqa: E402
@@ -63,14 +61,8 @@ def step_time_ratio(common: list[str], a, tmp: Path, reps=5, steps=4) -> tuple[f
     "Median seconds per step of the sadm arm over the plain arm, interleaved repetitions after warm-up."
     trs = {arm: Trainer(get_config(a.base, [*common, 'train.steps=100000', 'eval.enabled=false', *arm_overrides(arm, a)]),
                         tmp / arm, progress=False) for arm in ('plain', 'sadm')}
-    for tr in trs.values():
-        for _ in range(2): tr.train_step()
-    times = {arm: [] for arm in trs}
-    for _ in range(reps):
-        for arm, tr in trs.items():
-            t0 = time.perf_counter()
-            for _ in range(steps): tr.train_step()
-            times[arm].append((time.perf_counter() - t0) / steps)
+    times = interleaved_times({arm: tr.train_step for arm, tr in trs.items()}, reps=reps, steps=steps, warmup=2,
+                              device=trs['plain'].device)
     ts, tp = statistics.median(times['sadm']), statistics.median(times['plain'])
     return ts / tp, ts, tp
 
@@ -84,7 +76,7 @@ def run_arm(arm: str, seed: int, plan: dict, a) -> dict:
                               f'train.init_from={plan["base_run"]}', 'train.init_weights=ema',
                               f'train.warmup_steps={a.warmup}', f'train.eval_every={max(1, steps // a.evals)}',
                               *arm_overrides(arm, a)])
-    r = _fit(cfg, Path(a.out) / f'{arm}-s{seed}', a.progress, True)
+    r = fit_run(cfg, Path(a.out) / f'{arm}-s{seed}', progress=a.progress)
     train = [x for x in RunDir(r['run']).read_metrics() if x.get('kind') == 'train']
     last = {k: train[-1].get(k) for k in ('g_struct', 'd_obj', 'heldout_struct', 'heldout_struct_pixels')}
     return r | {'arm': arm, 'seed': seed, 'steps': steps, 'last': last}
@@ -127,8 +119,8 @@ def main(argv=None):
     if saved is not None and saved['settings'] != key:
         diff = ', '.join(f'{k}: {saved["settings"].get(k)!r} -> {v!r}' for k, v in key.items() if saved['settings'].get(k) != v)
         p.error(f'{out} holds a comparison with other settings ({diff}); use another --out')
-    base = _fit(get_config(a.base, ['name=base', *common, 'train.seed=0', f'train.steps={a.base_steps}',
-                                    f'train.eval_every={a.base_steps}']), out / 'base', a.progress, True)
+    base = fit_run(get_config(a.base, ['name=base', *common, 'train.seed=0', f'train.steps={a.base_steps}',
+                                       f'train.eval_every={a.base_steps}']), out / 'base', progress=a.progress)
     print(f"base: {a.base_steps} plain steps, FID {base['evals'][-1]['fid']:.2f} (floor {base['evals'][-1]['fid_floor']:.2f})", flush=True)
     if saved is None:
         if a.jobs > 1:                               # time the steps as the runs will take them: one thread each

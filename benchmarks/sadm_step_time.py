@@ -11,13 +11,12 @@ ms/step and, as the ratio to plain, the median over repetitions of the paired ra
     python benchmarks/sadm_step_time.py --variants all          # + time-conditioned, R1, d_steps=2, spectral norm
 """
 from __future__ import annotations
-import argparse, json, platform, statistics, sys, tempfile, time
+import argparse, json, platform, statistics, tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
-from _common import sync   # noqa: E402
+from _common import interleaved_times, paired_ratio   # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 from sadm_lab.config import get_config   # noqa: E402
 from sadm_lab.train import Trainer   # noqa: E402
 
@@ -48,26 +47,18 @@ def main(argv=None):
     trainers = {name: Trainer(get_config(a.preset, common + over), Path(tmp.name) / f'arm{i}', progress=False)
                 for i, (name, over) in enumerate(arms.items())}
     dev = next(iter(trainers.values())).device
-    for tr in trainers.values():
-        for _ in range(a.warmup): tr.train_step()
-    times = {n: [] for n in trainers}
+    secs = interleaved_times({n: tr.train_step for n, tr in trainers.items()}, reps=a.reps, steps=a.steps,
+                             warmup=a.warmup, device=dev)
+    times = {n: [1e3 * x for x in v] for n, v in secs.items()}
     names = list(trainers)
-    for r in range(a.reps):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for n in order:
-            tr = trainers[n]
-            sync(dev); t0 = time.perf_counter()
-            for _ in range(a.steps): tr.train_step()
-            sync(dev); times[n].append((time.perf_counter() - t0) / a.steps * 1e3)
     cfg = trainers['plain'].cfg
     res = {'preset': a.preset, 'model': cfg.model.preset, 'batch': cfg.train.batch_size,
            'image': list(trainers['plain'].data.images.shape[1:]), 'device': str(dev), 'bf16': a.bf16,
            'torch': torch.__version__, 'threads': torch.get_num_threads(), 'machine': platform.machine(),
            'steps_per_rep': a.steps, 'reps': a.reps, 'arms': {}}
     for n in names:
-        ratios = [t / p for t, p in zip(times[n], times['plain'])]
         res['arms'][n] = {'ms_per_step_median': statistics.median(times[n]), 'ms_per_step_all': times[n],
-                          'ratio_to_plain': statistics.median(ratios), 'overrides': arms[n]}
+                          'ratio_to_plain': paired_ratio(times[n], times['plain']), 'overrides': arms[n]}
     print(json.dumps(res))
     if a.json: Path(a.json).write_text(json.dumps(res, indent=2))
     print(f"\n{cfg.model.preset}, batch {cfg.train.batch_size}, images {tuple(res['image'])}, {dev}, "

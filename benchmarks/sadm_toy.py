@@ -41,9 +41,9 @@ def main(argv=None):
     p.add_argument('--out', default='runs/sadm-toy')
     a = p.parse_args(argv)
     if not 0 <= a.start < a.steps: p.error('--start must be in [0, --steps)')
-    sadm = {'start_step': a.start, 'warmup_steps': a.warmup, 't_max': a.t_max}
+    sadm = {'start_step': a.start, 'warmup_steps': a.warmup, 't_max': a.t_max, 'd_lr': a.d_lr}
     settings = {'plain': {}}
-    settings.update({f'sadm λ={x:g}': {'lam': x, 'sadm': sadm, 'd_lr': a.d_lr} for x in a.lambdas})
+    settings.update({f'sadm λ={x:g}': {'lam': x, 'sadm': sadm} for x in a.lambdas})
     settings[f'random encoder λ={a.lambdas[0]:g}'] = {'lam': a.lambdas[0], 'sadm': {**sadm, 'd_steps': 0}}
     rows = compare_toy(settings, kind=a.kind, seeds=a.seeds, steps=a.steps, batch_size=a.batch, n_samples=a.samples,
                        sample_steps=a.sample_steps)

@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
-from _common import sync, rss_bytes, peak_rss_bytes, run_memory_probe   # noqa: E402  (benchmarks/ is on sys.path as the script dir)
+from _common import sync, time_steps, rss_bytes, peak_rss_bytes, run_memory_probe   # noqa: E402  (benchmarks/ is on sys.path)
 from sadm_lab.models import DiT_models, flops_per_forward, count_params   # noqa: E402
 
 
@@ -58,13 +57,6 @@ def make_step(model, impl: str, a, device):
         opt.zero_grad(set_to_none=True)
         return loss
     return step
-
-
-def time_steps(step, n, device) -> float:
-    sync(device); t0 = time.perf_counter()
-    for _ in range(n): step()
-    sync(device)
-    return time.perf_counter() - t0
 
 
 def matmul_peak(device, bf16: bool, n: int = 2048, reps: int = 5) -> float:

@@ -8,7 +8,7 @@ import argparse, json, sys
 from pathlib import Path
 
 from .core import SadmError, ConfigError, get_device
-from .config import PRESETS, RunConfig, get_config, flatten
+from .config import CHOICES, PRESETS, WEIGHTS, RunConfig, get_config, flatten
 
 # %% auto #0
 __all__ = ['cmd_train', 'cmd_sample', 'cmd_eval', 'cmd_demo', 'cmd_presets', 'tutorials_dir', 'copy_workshop', 'cmd_workshop',
@@ -41,19 +41,19 @@ def _parser() -> argparse.ArgumentParser:
                        description="Sample from a run folder's latest checkpoint (EMA weights by default).")
     s.add_argument('run_dir'); s.add_argument('-n', type=int, default=64, help='number of images (default 64)')
     s.add_argument('--out', help='PNG path (default <run>/samples/cli-<sampler>-<steps>.png)')
-    s.add_argument('--sampler', choices=['ddpm', 'ddim', 'dpmpp_2m'], help="default: the run's sample.sampler")
+    s.add_argument('--sampler', choices=CHOICES['sample.sampler'], help="default: the run's sample.sampler")
     s.add_argument('--steps', type=int, help="sampling steps (default: the run's sample.steps)")
     s.add_argument('--eta', type=float, help='DDIM eta'); s.add_argument('--cfg-scale', type=float, help='guidance scale')
     s.add_argument('--labels', help='comma-separated class labels (cycled); default: balanced over classes')
     s.add_argument('--seed', type=int, default=0); s.add_argument('--checkpoint', help='a checkpoint file of the run')
-    s.add_argument('--weights', choices=['ema', 'model'], default='ema'); s.add_argument('--device', default='auto')
+    s.add_argument('--weights', choices=WEIGHTS, default='ema'); s.add_argument('--device', default='auto')
     s.add_argument('--save-tensor', help='also save the images as a .pt tensor file')
 
     e = sub.add_parser('eval', help="FID of a run's samples beside the real-vs-real floor",
                        description="Generate samples from a run and report FID with the real-vs-real floor of the same protocol.")
     e.add_argument('run_dir'); e.add_argument('-n', type=int, help="samples (default: the run's eval.num_samples)")
-    e.add_argument('--features', choices=['classifier', 'inception'], help="feature network (default: the run's)")
-    e.add_argument('--sampler', choices=['ddpm', 'ddim', 'dpmpp_2m']); e.add_argument('--steps', type=int)
+    e.add_argument('--features', choices=CHOICES['eval.features'], help="feature network (default: the run's)")
+    e.add_argument('--sampler', choices=CHOICES['sample.sampler']); e.add_argument('--steps', type=int)
     e.add_argument('--seed', type=int, default=0); e.add_argument('--checkpoint'); e.add_argument('--device', default='auto')
     e.add_argument('--json', action='store_true', help='print the result as JSON')
 

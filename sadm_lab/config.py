@@ -9,10 +9,17 @@ from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Optional
 
-from .core import ConfigError
+from .core import ConfigError, problem_with
+from .data import DATASETS
+from .diffusion import SCHEDULES, PREDICTIONS, LOSS_WEIGHTINGS
+from .masking import STRATEGIES, ANNEALS
+from .metrics import FEATURES
+from .objectives import LR_SCHEDULES
+from .sample import SAMPLERS
+from .structure import AFFINITIES, OMEGAS, P_NORMS
 
 # %% auto #0
-__all__ = ['CHOICES', 'POSITIVE', 'NON_NEGATIVE', 'PRESETS', 'RESUMABLE', 'DataConfig', 'ModelConfig', 'DiffusionConfig',
+__all__ = ['PRECISIONS', 'WEIGHTS', 'CHOICES', 'RANGES', 'PRESETS', 'RESUMABLE', 'DataConfig', 'ModelConfig', 'DiffusionConfig',
            'MaskConfig', 'SadmConfig', 'TrainConfig', 'SampleConfig', 'EvalConfig', 'RunConfig', 'validate', 'all_keys',
            'get_value', 'parse_value', 'set_value', 'apply_overrides', 'from_dict', 'load_config', 'flatten',
            'get_config', 'config_diff', 'check_resumable']
@@ -148,100 +155,81 @@ class RunConfig:
     def to_json(self) -> str: return json.dumps(self.to_dict(), indent=2)
 
 # %% ../nbs/api/01_config.ipynb #6f676c01
+PRECISIONS = ('fp32', 'bf16', 'fp16')           # train.precision: bf16 autocast (CPU and GPU) or fp16 (CUDA only)
+WEIGHTS = ('model', 'ema')                      # which weights of a checkpoint (train.init_weights, `sadm-lab sample`)
+
 CHOICES = {
-    'data.name': ('digits', 'fashion-mnist', 'emoji', 'folder'),
-    'data.channels': (None, 1, 3),
-    'diffusion.schedule': ('linear', 'cosine'),
-    'diffusion.prediction': ('eps', 'x0', 'v'),
-    'diffusion.loss_weighting': ('none', 'min_snr'),
-    'mask.strategy': ('none', 'patch', 'block', 'crop'),
-    'mask.anneal': ('none', 'linear', 'cosine'),
-    'train.init_weights': ('model', 'ema'),
-    'train.precision': ('fp32', 'bf16', 'fp16'),
-    'train.lr_schedule': ('constant', 'cosine'),
-    'sample.sampler': ('ddpm', 'ddim', 'dpmpp_2m'),
-    'eval.features': ('classifier', 'inception'),
-    'sadm.omega': ('constant', 'snr', 'dsm'),
-    'sadm.affinity': ('cosine', 'gaussian', 'softmax'),
-    'sadm.p': (1, 2),
+    'data.name': tuple(DATASETS), 'data.channels': (None, 1, 3),
+    'diffusion.schedule': SCHEDULES, 'diffusion.prediction': PREDICTIONS, 'diffusion.loss_weighting': LOSS_WEIGHTINGS,
+    'mask.strategy': ('none',) + STRATEGIES, 'mask.anneal': ANNEALS,
+    'train.init_weights': WEIGHTS, 'train.precision': PRECISIONS, 'train.lr_schedule': LR_SCHEDULES,
+    'sample.sampler': tuple(SAMPLERS), 'eval.features': FEATURES,
+    'sadm.omega': OMEGAS, 'sadm.affinity': AFFINITIES, 'sadm.p': P_NORMS,
 }
-POSITIVE = ('diffusion.timesteps', 'train.steps', 'train.batch_size', 'train.grad_accum', 'train.log_every',
-            'train.ckpt_every', 'train.keep_checkpoints', 'sample.steps', 'sample.grid_size', 'sample.batch_size',
-            'eval.num_samples', 'data.resolution', 'data.max_images')
-NON_NEGATIVE = ('sadm.weight', 'sadm.warmup_steps', 'sadm.start_step', 'sadm.r1_gamma', 'sadm.d_steps', 'sadm.heldout_size',
-                'mask.mae_weight', 'train.warmup_steps', 'train.weight_decay', 'train.grad_clip', 'train.sample_every', 'train.eval_every',
-                'train.lr', 'sample.eta')
+_POSITIVE = ('diffusion.timesteps', 'diffusion.min_snr_gamma', 'train.steps', 'train.batch_size', 'train.grad_accum',
+             'train.log_every', 'train.ckpt_every', 'train.keep_checkpoints', 'sample.steps', 'sample.grid_size',
+             'sample.batch_size', 'eval.num_samples', 'data.resolution', 'data.max_images', 'model.hidden_size',
+             'model.depth', 'model.num_heads', 'model.patch_size', 'model.mlp_ratio', 'mask.block_size',
+             'mask.crop_size', 'mask.finetune_lr', 'sadm.tau', 'sadm.omega_cap', 'sadm.x0_clip', 'sadm.d_lr',
+             'sadm.encoder_dim', 'sadm.encoder_width', 'sadm.d_every')
+_NON_NEGATIVE = ('train.lr', 'train.warmup_steps', 'train.weight_decay', 'train.grad_clip', 'train.sample_every',
+                 'train.eval_every', 'sample.eta', 'mask.pretrain_steps', 'mask.finetune_warmup_steps', 'mask.mae_weight',
+                 'sadm.weight', 'sadm.warmup_steps', 'sadm.start_step', 'sadm.r1_gamma', 'sadm.d_steps',
+                 'sadm.heldout_size')
+RANGES = {**{k: '> 0' for k in _POSITIVE}, **{k: '>= 0' for k in _NON_NEGATIVE},
+          **{k: '[0, 1)' for k in ('train.ema_decay', 'train.beta1', 'train.beta2', 'model.class_dropout_prob',
+                                   'mask.ratio', 'sadm.d_beta1')},
+          'sadm.t_max': '(0, 1]'}
 
 def _sections(cfg: RunConfig):
     for f in fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v): yield f.name, v
 
-def validate(cfg: RunConfig) -> RunConfig:
-    "Check enumerated values and ranges; raise `ConfigError` naming every bad key."
-    errs = []
-    for key, allowed in CHOICES.items():
-        v = get_value(cfg, key)
-        if v not in allowed: errs.append(f"{key}={v!r} is not one of {', '.join(map(repr, allowed))}")
-    for key in POSITIVE:
-        v = get_value(cfg, key)
-        if v is not None and v <= 0: errs.append(f"{key}={v!r} must be > 0")
-    for key in NON_NEGATIVE:
-        v = get_value(cfg, key)
-        if v is not None and v < 0: errs.append(f"{key}={v!r} must be >= 0")
-    if not 0 <= cfg.train.ema_decay < 1: errs.append(f"train.ema_decay={cfg.train.ema_decay!r} must be in [0, 1)")
-    if not 0 <= cfg.model.class_dropout_prob < 1: errs.append(f"model.class_dropout_prob={cfg.model.class_dropout_prob!r} must be in [0, 1)")
-    if cfg.train.batch_size % cfg.train.grad_accum:
-        errs.append(f"train.batch_size={cfg.train.batch_size} must be divisible by train.grad_accum={cfg.train.grad_accum}")
+def _cross_key_problems(cfg: RunConfig):
+    "Rules that tie keys together (messages)."
+    tc, mc, sd, m = cfg.train, cfg.mask, cfg.sadm, cfg.model
+    if tc.batch_size % tc.grad_accum:
+        yield f"train.batch_size={tc.batch_size} must be divisible by train.grad_accum={tc.grad_accum}"
     if cfg.sample.steps > cfg.diffusion.timesteps:
-        errs.append(f"sample.steps={cfg.sample.steps} cannot exceed diffusion.timesteps={cfg.diffusion.timesteps}")
-    if cfg.data.name == 'folder' and not cfg.data.root: errs.append("data.name='folder' needs data.root=<path to an image folder>")
-    if not 0 <= cfg.mask.ratio < 1: errs.append(f"mask.ratio={cfg.mask.ratio!r} must be in [0, 1)")
-    if cfg.mask.strategy in ('patch', 'block') and cfg.mask.ratio == 0:
-        errs.append(f"mask.strategy={cfg.mask.strategy!r} needs mask.ratio > 0 (or mask.strategy=none)")
-    if cfg.mask.strategy == 'crop' and not cfg.mask.crop_size:
-        errs.append("mask.strategy='crop' needs mask.crop_size=<side of the visible window, in patches>")
-    if cfg.mask.anneal != 'none' and cfg.mask.strategy not in ('patch', 'block'):
-        errs.append(f"mask.anneal={cfg.mask.anneal!r} needs mask.strategy 'patch' or 'block'")
-    if cfg.mask.anneal != 'none' and cfg.mask.pretrain_steps == 0:
-        errs.append("mask.anneal needs mask.pretrain_steps > 0 (the ratio reaches 0 there)")
-    if cfg.mask.pretrain_steps and cfg.mask.strategy == 'none':
-        errs.append("mask.pretrain_steps > 0 needs a mask.strategy other than 'none'")
-    if cfg.mask.pretrain_steps < 0 or cfg.mask.finetune_warmup_steps < 0:
-        errs.append("mask.pretrain_steps and mask.finetune_warmup_steps must be >= 0")
-    if cfg.mask.finetune_lr is not None and cfg.mask.finetune_lr <= 0:
-        errs.append(f"mask.finetune_lr={cfg.mask.finetune_lr!r} must be > 0")
-    if cfg.sample.cfg_scale != 1 and cfg.model.class_dropout_prob == 0:
-        errs.append(f"sample.cfg_scale={cfg.sample.cfg_scale} needs a model trained with label dropout "
-                    "(model.class_dropout_prob > 0) to have a null class")
-    for key in ('train.beta1', 'train.beta2'):
-        if not 0 <= get_value(cfg, key) < 1: errs.append(f"{key}={get_value(cfg, key)!r} must be in [0, 1)")
-    for key in all_keys(cfg):
-        v = get_value(cfg, key)
-        if isinstance(v, float) and not math.isfinite(v): errs.append(f"{key}={v!r} must be a finite number")
-    for key in ('model.depth', 'model.hidden_size', 'model.num_heads', 'model.patch_size', 'model.mlp_ratio'):
-        v = get_value(cfg, key)
-        if v is not None and v <= 0: errs.append(f"{key}={v!r} must be > 0")
+        yield f"sample.steps={cfg.sample.steps} cannot exceed diffusion.timesteps={cfg.diffusion.timesteps}"
+    if cfg.data.name == 'folder' and not cfg.data.root: yield "data.name='folder' needs data.root=<path to an image folder>"
+    if mc.strategy in ('patch', 'block') and mc.ratio == 0:
+        yield f"mask.strategy={mc.strategy!r} needs mask.ratio > 0 (or mask.strategy=none)"
+    if mc.strategy == 'crop' and not mc.crop_size:
+        yield "mask.strategy='crop' needs mask.crop_size=<side of the visible window, in patches>"
+    if mc.anneal != 'none' and mc.strategy not in ('patch', 'block'):
+        yield f"mask.anneal={mc.anneal!r} needs mask.strategy 'patch' or 'block'"
+    if mc.anneal != 'none' and mc.pretrain_steps == 0: yield "mask.anneal needs mask.pretrain_steps > 0 (the ratio reaches 0 there)"
+    if mc.pretrain_steps and mc.strategy == 'none': yield "mask.pretrain_steps > 0 needs a mask.strategy other than 'none'"
+    if cfg.sample.cfg_scale != 1 and m.class_dropout_prob == 0:
+        yield (f"sample.cfg_scale={cfg.sample.cfg_scale} needs a model trained with label dropout "
+               "(model.class_dropout_prob > 0) to have a null class")
     from sadm_lab.models import MODELS        # light: torch only, already imported by sadm_lab.core
     presets = [p for fam in MODELS.values() for p in fam.presets]
-    if cfg.mask.mae_weight > 0 and not cfg.model.preset.startswith('MaskDiT'):
-        errs.append(f"mask.mae_weight={cfg.mask.mae_weight} needs a MaskDiT preset (model.preset=MaskDiT-...), "
-                    f"not {cfg.model.preset!r}: only MaskDiT reconstructs the masked patches")
-    if cfg.model.preset not in presets:
-        close = difflib.get_close_matches(cfg.model.preset, presets, n=3)
-        errs.append(f"model.preset={cfg.model.preset!r} is not a known preset"
-                    + (f" (did you mean {', '.join(close)}?)" if close else f"; known: {', '.join(presets)}"))
-    sd = cfg.sadm
-    for key in ('sadm.tau', 'sadm.omega_cap', 'sadm.x0_clip', 'sadm.d_lr', 'sadm.encoder_dim', 'sadm.encoder_width', 'sadm.d_every'):
-        if not get_value(cfg, key) > 0: errs.append(f"{key}={get_value(cfg, key)!r} must be > 0")
-    if not 0 < sd.t_max <= 1: errs.append(f"sadm.t_max={sd.t_max!r} must be in (0, 1] (a fraction of diffusion.timesteps)")
-    if not 0 <= sd.d_beta1 < 1: errs.append(f"sadm.d_beta1={sd.d_beta1!r} must be in [0, 1)")
-    if sd.heldout_size == 1: errs.append("sadm.heldout_size=1: a structure needs at least 2 images (0 = off)")
-    if sd.enabled and cfg.mask.strategy != 'none' and not (cfg.mask.pretrain_steps and sd.start_step >= cfg.mask.pretrain_steps):
-        errs.append(f"sadm.enabled with mask.strategy={cfg.mask.strategy!r}: the structure term needs whole-image predictions, "
-                    "so start it after masked pre-training (mask.pretrain_steps > 0 and sadm.start_step >= mask.pretrain_steps)")
-    if sd.enabled and sd.start_step >= cfg.train.steps:
-        errs.append(f"sadm.start_step={sd.start_step} is not before train.steps={cfg.train.steps}: the term would never run")
+    if mc.mae_weight > 0 and not m.preset.startswith('MaskDiT'):
+        yield (f"mask.mae_weight={mc.mae_weight} needs a MaskDiT preset (model.preset=MaskDiT-...), not {m.preset!r}: "
+               "only MaskDiT reconstructs the masked patches")
+    if m.preset not in presets:
+        close = difflib.get_close_matches(m.preset, presets, n=3)
+        yield (f"model.preset={m.preset!r} is not a known preset"
+               + (f" (did you mean {', '.join(close)}?)" if close else f"; known: {', '.join(presets)}"))
+    if sd.heldout_size == 1: yield "sadm.heldout_size=1: a structure needs at least 2 images (0 = off)"
+    if sd.enabled and mc.strategy != 'none' and not (mc.pretrain_steps and sd.start_step >= mc.pretrain_steps):
+        yield (f"sadm.enabled with mask.strategy={mc.strategy!r}: the structure term needs whole-image predictions, "
+               "so start it after masked pre-training (mask.pretrain_steps > 0 and sadm.start_step >= mask.pretrain_steps)")
+    if sd.enabled and sd.start_step >= tc.steps:
+        yield f"sadm.start_step={sd.start_step} is not before train.steps={tc.steps}: the term would never run"
+
+def validate(cfg: RunConfig) -> RunConfig:
+    "Check `cfg` against `CHOICES`, `RANGES` and the rules between keys; raise `ConfigError` naming every bad key."
+    values = {k: get_value(cfg, k) for k in all_keys(cfg)}
+    bad_float = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+    errs = [problem_with(k, values[k], choices=allowed) for k, allowed in CHOICES.items()]
+    errs += [problem_with(k, values[k], rule=rule) for k, rule in RANGES.items()
+             if values[k] is not None and k not in bad_float]
+    errs = [e for e in errs if e] + [f"{k}={values[k]!r} must be a finite number" for k in bad_float]
+    errs += list(_cross_key_problems(cfg))
     if errs: raise ConfigError('invalid config:\n  ' + '\n  '.join(errs))
     return cfg
 

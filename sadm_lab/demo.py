@@ -9,76 +9,69 @@ from pathlib import Path
 
 from .core import atomic_write_text
 from .config import RunConfig, get_config, load_config
-from .train import RunDir, Trainer, Callback
+from .objectives import Schedule
+from .train import RunDir, Trainer, Callback, training_clock
 from .viz import plot_curves
 
 # %% auto #0
-__all__ = ['run_stages', 'stage_table', 'write_report', 'demo_config', 'run_demo']
+__all__ = ['stage_table', 'write_report', 'demo_config', 'run_demo']
 
 # %% ../nbs/api/09_demo.ipynb #081ae166
 def _fmt(v, nd=2):
     return '–' if v is None else (f'{v:.{nd}f}' if isinstance(v, float) else str(v))
 
-def run_stages(cfg: RunConfig) -> list[tuple[str, int]]:
-    """(name, first step index) of each stage of a run: MaskDM's masked 'pre-training' and unmasked 'fine-tuning',
-    and the 'SADM' stage from `sadm.start_step`. A single-stage run gives one entry."""
-    P = cfg.mask.pretrain_steps if cfg.mask.strategy != 'none' else 0
-    stages = [('pre-training', 0), ('fine-tuning', P)] if P else [('training', 0)]
-    S = cfg.sadm.start_step if cfg.sadm.enabled else None
-    if S: stages = [st for st in stages if st[1] < S] + [('SADM', S)]
-    elif S == 0: stages = [('SADM', 0)]                  # (validation keeps SADM after masked pre-training)
-    return stages
-
-def stage_table(recs: list[dict], stages: list[tuple[str, int]]) -> list[dict]:
-    """Per stage (see `run_stages`) from a run's metric records: steps, mask ratios, λ, median images/s, training time
-    (evaluations excluded; None after a resume, whose pauses the clock cannot see), the last evaluation and the last
-    held-out structure distance in pixel space (SADM runs)."""
+def stage_table(recs: list[dict], schedule: Schedule) -> list[dict]:
+    """Per stage of `schedule` from a run's metric records: steps, mask ratios, λ, median images/s, training time
+    (`training_clock`: evaluations and the pauses of a resumed run excluded), the last evaluation and the last
+    held-out structure distance in pixel space (SADM runs). Stages without records are left out."""
     train = [r for r in recs if r.get('kind') == 'train']
     evals = [r for r in recs if r.get('kind') == 'eval']
-    starts = [r['time'] for r in recs if r.get('event') == 'start']
-    switches = {r['step']: r['time'] for r in recs if r.get('event') == 'stage'}
-    resumed = any(r.get('event') == 'resume' for r in recs)
-    end = max((r['time'] for r in train + evals), default=None)
+    clock = training_clock(recs)
+    entered = {r['step']: sec for r, sec in clock if r.get('event') == 'stage'}     # the last one wins
+    end = clock[-1][1] if clock else None
     rows = []
-    for k, (name, first) in enumerate(stages):
-        nxt = stages[k + 1][1] if k + 1 < len(stages) else float('inf')
-        inside = lambda r: first < r['step'] <= nxt        # a record at step s covers steps up to s
+    for k, st in enumerate(schedule):
+        nxt = schedule[k + 1].start if k + 1 < len(schedule) else float('inf')
+        inside = lambda r: st.start < r['step'] <= nxt        # a record at step s covers steps up to s
         tr, ev = [r for r in train if inside(r)], [r for r in evals if inside(r)]
         if not tr and not ev: continue
-        lo = starts[0] if k == 0 and starts else switches.get(first)
-        hi = switches.get(nxt, end) if k + 1 < len(stages) else end
-        secs = None
-        if lo is not None and hi is not None and not resumed:
-            secs = (hi - lo) - sum(r['seconds'] for r in evals if lo <= r['time'] <= hi)
+        lo = (0.0 if clock else None) if k == 0 else entered.get(st.start)
+        hi = entered.get(nxt, end) if k + 1 < len(schedule) else end
         ratios = sorted({round(r['mask_ratio'], 3) for r in tr if r.get('mask_ratio') is not None})
         lams = sorted({r['lambda'] for r in tr if r.get('lambda') is not None})
         held = [r['heldout_struct_pixels'] for r in tr if r.get('heldout_struct_pixels') is not None]
-        rows.append({'stage': name, 'first_step': first + 1, 'last_step': max(r['step'] for r in tr + ev),
-                     'mask_ratio': (ratios[-1], ratios[0]) if ratios else None,
+        rows.append({'stage': st.name, 'first_step': st.start + 1, 'last_step': max(r['step'] for r in tr + ev),
+                     'objectives': st.objectives, 'mask_ratio': (ratios[-1], ratios[0]) if ratios else None,
                      'lambda': (lams[0], lams[-1]) if lams else None,
-                     'img_per_s': statistics.median(r['img_per_s'] for r in tr) if tr else None,
-                     'train_s': secs, 'eval': ev[-1] if ev else None, 'heldout_struct_pixels': held[-1] if held else None})
+                     'img_per_s': statistics.median(r['img_per_s'] for r in tr if r.get('img_per_s')) if tr else None,
+                     'train_s': hi - lo if lo is not None and hi is not None else None,
+                     'eval': ev[-1] if ev else None, 'heldout_struct_pixels': held[-1] if held else None})
     return rows
 
 def _range(v, fmt='g'):
     return '–' if v is None else (f"{v[0]:{fmt}}" if v[0] == v[1] else f"{v[0]:{fmt}} → {v[1]:{fmt}}")
 
 def _stage_lines(run, cfg, recs) -> list[str]:
-    stages = run_stages(cfg)
+    stages = run.schedule()
     rows = stage_table(recs, stages)
-    P = cfg.mask.pretrain_steps if cfg.mask.strategy != 'none' else 0
-    sadm = cfg.sadm.enabled
+    masked = any('masked_dsm' in st.objectives for st in stages)
+    sadm = any('sadm' in st.objectives for st in stages)
     lines = [f"## The {len(stages)} stages", '']
-    if P:
-        mask = (f"{cfg.mask.strategy} masking" + (f" at ratio {cfg.mask.ratio}" if cfg.mask.strategy != 'crop' else
-                                                  f", one visible {cfg.mask.crop_size}x{cfg.mask.crop_size} window"))
-        fresh = [w for w, on in (('optimiser state', cfg.mask.reset_optimizer), ('EMA', cfg.mask.reset_ema)) if on]
-        lines += [f"MaskDM's schedule: {P} steps of {mask} (only the visible patch tokens go through the transformer and "
-                  f"the loss covers only them), then unmasked fine-tuning"
-                  + (" with a fresh " + ' and '.join(fresh) if fresh else '') + '.']
+    for st in stages:
+        fresh = [w for w, on in (('optimiser state', st.reset_optimizer), ('EMA', st.reset_ema)) if on]
+        lines.append(f"- **{st.name}**, steps {st.start + 1}–{st.end}: {' + '.join(st.objectives)}"
+                     + (f", learning rate {st.lr:g} after {st.warmup_steps} warm-up steps" if st.lr is not None else '')
+                     + (", fresh " + ' and '.join(fresh) if fresh else '') + '.')
+    lines.append('')
+    if masked:
+        mc = cfg.mask
+        mask = (f"{mc.strategy} masking" + (f" at ratio {mc.ratio}" if mc.strategy != 'crop' else
+                                            f", one visible {mc.crop_size}x{mc.crop_size} window"))
+        lines += [f"`masked_dsm` is MaskDM's masked denoising with {mask}: only the visible patch tokens go through the "
+                  "transformer and the loss covers only them."]
     if sadm:
         sd = cfg.sadm
-        lines += [f"SADM from step {sd.start_step + 1}: a structure discriminator ({sd.affinity} affinity, L{sd.p}, "
+        lines += [f"`sadm` is the structure game: a structure discriminator ({sd.affinity} affinity, L{sd.p}, "
                   f"{sd.d_steps} update(s) per step at lr {sd.d_lr:g}) plays against the denoiser, whose loss gains "
                   f"λ·D_ω (λ = {sd.weight:g}, reached after {sd.warmup_steps} steps; predictions at t < {sd.t_max:g}·T, "
                   f"ω {sd.omega})."]
@@ -92,14 +85,14 @@ def _stage_lines(run, cfg, recs) -> list[str]:
                      f"{_fmt(r['train_s'] / 60 if r['train_s'] is not None else None, 1)} min | "
                      f"{_fmt(e.get('fid'))} (step {e.get('step', '–')}) | {_fmt(e.get('nn_ratio'))}"
                      + (f" | {_fmt(r['heldout_struct_pixels'], 5)}" if sadm else '') + ' |')
-    ends = [(name, nxt) for (name, _), (_, nxt) in zip(stages, stages[1:])]
     grids = sorted(run.samples_dir.glob('step-*.png'))
-    shots = [(name, run.samples_dir / f'step-{k:07d}.png') for name, k in ends]
-    shots = [(n, f) for n, f in shots if f.is_file()] + ([(stages[-1][0], grids[-1])] if grids else [])
+    shots = [(st.name, run.samples_dir / f'step-{st.end:07d}.png') for st in stages.stages[:-1]]
+    shots = [(n, f) for n, f in shots if f.is_file()] + ([(stages[-1].name, grids[-1])] if grids else [])
     if len(shots) > 1:
-        lines += ['', 'Samples at the end of each stage (' + ', '.join(f"{n}: step {int(f.stem.split('-')[1])}" for n, f in shots)
-                  + '), same seeds:', '', ' '.join(f"![{n}]({f.relative_to(run.path).as_posix()})" for n, f in shots)]
-    if P:
+        lines += ['', 'Samples at the end of each stage ('
+                  + ', '.join(f"{n}: step {int(f.stem.split('-')[1])}" for n, f in shots) + '), same seeds:', '',
+                  ' '.join(f"![{n}]({f.relative_to(run.path).as_posix()})" for n, f in shots)]
+    if masked and any(st.objectives == ('dsm',) for st in stages):
         ratio = rows[0]['mask_ratio'][0] if rows and rows[0]['mask_ratio'] else cfg.mask.ratio
         lines += ['', f"In pre-training the model only ever denoises about {1 - ratio:.0%} of an image's patches at a "
                   "time; sampling it on the full grid of tokens shows the 'primer' it has learnt. Fine-tuning on whole "
@@ -121,9 +114,9 @@ def write_report(run_dir, *, title: str | None = None, notes: str = '') -> Path:
     recs = run.read_metrics()
     train = [r for r in recs if r.get('kind') == 'train']
     evals = [r for r in recs if r.get('kind') == 'eval']
-    stages = run_stages(cfg)
+    stages = run.schedule()
     two_stage = len(stages) > 1
-    marks = {k: f'{name} starts' for name, k in stages[1:]} or None
+    marks = {st.start: f'{st.name} starts' for st in stages.stages[1:]} or None
     plot_curves(train, run.path / 'loss.png', panels=(('loss', 'training loss (per-sample DSM, mean)', True),), marks=marks)
     plot_curves(evals, run.path / 'fid.png', panels=(('fid', 'FID over training', False),), marks=marks)
     grids = sorted(run.samples_dir.glob('step-*.png'))
@@ -178,10 +171,10 @@ class _Narrator(Callback):
     "Print where the demo is, between progress bars."
     def on_step_end(self, trainer, logs):
         from tqdm.auto import tqdm
-        if trainer.step == trainer.finetune_start:
-            tqdm.write(f"      step {trainer.step}: masked pre-training done; unmasked fine-tuning from here")
-        if trainer.sadm is not None and trainer.step == trainer.sadm.start_step > 0:
-            tqdm.write(f"      step {trainer.step}: SADM from here: the structure discriminator joins the game")
+        step, sc = trainer.step, trainer.schedule
+        if step < sc.total_steps and step == sc.at(step).start > 0:
+            tqdm.write(f"      step {step}: {sc.at(step - 1).name} done; {sc.at(step).name} from here "
+                       f"({' + '.join(sc.at(step).objectives)})")
     def on_eval(self, trainer, rec):
         from tqdm.auto import tqdm
         mem = f", nearest-neighbour ratio {rec['nn_ratio']:.2f}" if 'nn_ratio' in rec else ''
@@ -208,20 +201,15 @@ def run_demo(run_dir='runs/demo', *, fast: bool = False, masked: bool = True, sa
     cfg = demo_config(fast=fast, masked=masked, sadm=sadm, overrides=overrides)
     run_dir = Path(run_dir)
     t0 = time.time()
-    P = cfg.mask.pretrain_steps if cfg.mask.strategy != 'none' else 0
-    S = cfg.sadm.start_step if cfg.sadm.enabled else None
-    plan = (f"{P} steps with {cfg.mask.ratio:.0%} of the patches masked, then unmasked" if P else f"{cfg.train.steps} steps")
-    if S is not None: plan += f"{' fine-tuning' if P else ''}, SADM from step {S + 1} to {cfg.train.steps}"
-    elif P: plan += f" to step {cfg.train.steps}"
-    print(f"[1/3] training {cfg.model.preset} on {cfg.data.name}: {plan} (batch {cfg.train.batch_size}, "
-          f"FID every {cfg.train.eval_every or cfg.train.steps} steps) in {run_dir}", flush=True)
     tr = Trainer(cfg, run_dir, resume=resume, callbacks=[_Narrator()], progress=progress)
+    plan = ', then '.join(f"{st.name} (steps {st.start + 1}-{st.end}: {' + '.join(st.objectives)})" for st in tr.schedule)
+    print(f"[1/3] training {cfg.model.preset} on {cfg.data.name}: {plan}; batch {cfg.train.batch_size}, "
+          f"FID every {cfg.train.eval_every or cfg.train.steps} steps, in {run_dir}", flush=True)
     print(f"      data: {len(tr.data)} images {tuple(tr.data.images.shape[1:])}, {tr.data.num_classes} classes; "
           f"model: {sum(p.numel() for p in tr.unwrapped.parameters())/1e6:.2f}M parameters on {tr.device}", flush=True)
     tr.fit()
     print(f"[2/3] samples: {sorted(tr.run.samples_dir.glob('*.png'))[-1]}", flush=True)
-    what = ' + '.join(['masked pre-training'] * bool(P) + ['fine-tuning'] * bool(P) + ['SADM'] * (S is not None)) or 'training'
-    what += ' of a tiny DiT'
+    what = ' + '.join(st.name for st in tr.schedule) + ' of a tiny DiT'
     report = write_report(run_dir, title=f'sadm_lab demo: {what} on digits',
                           notes=f"Made by `sadm-lab demo` in {(time.time() - t0) / 60:.1f} minutes.")
     print(f"[3/3] report: {report}", flush=True)

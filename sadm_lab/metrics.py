@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/07_metrics.ipynb #038b744e
 from __future__ import annotations
-import os, json, hashlib, warnings, contextlib, importlib.util
+import os, json, hashlib, warnings, importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +13,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import SadmError, DataError, ConfigError, CheckpointError, atomic_write, exists, default
+from .core import SadmError, DataError, ConfigError, CheckpointError, atomic_write, exists, default, torch_threads
 
 # %% auto #0
-__all__ = ['FID_HELPER_PIN', 'INCEPTION_SHA1', 'FEATURE_NET_RECIPE', 'frechet_distance', 'FeatureStats', 'FeatureExtractor',
-           'check_images', 'extract_features', 'feature_stats', 'MissingDependencyError', 'inception_weights_path',
-           'tf_bilinear_resize', 'InceptionFeatures', 'FeatureCNN', 'train_feature_classifier', 'classifier_accuracy',
-           'feature_net_cache_dir', 'ClassifierFeatures', 'classifier_features', 'make_feature_extractor', 'split_real',
-           'FIDEvaluator', 'fid_with_floor', 'format_fid', 'nearest_neighbour_distances', 'memorization_report']
+__all__ = ['FID_HELPER_PIN', 'INCEPTION_SHA1', 'FEATURE_NET_RECIPE', 'FEATURES', 'frechet_distance', 'FeatureStats',
+           'FeatureExtractor', 'check_images', 'extract_features', 'feature_stats', 'MissingDependencyError',
+           'inception_weights_path', 'tf_bilinear_resize', 'InceptionFeatures', 'FeatureCNN',
+           'train_feature_classifier', 'classifier_accuracy', 'feature_net_cache_dir', 'ClassifierFeatures',
+           'classifier_features', 'make_feature_extractor', 'split_real', 'FIDEvaluator', 'fid_with_floor',
+           'format_fid', 'nearest_neighbour_distances', 'memorization_report']
 
 # %% ../nbs/api/07_metrics.ipynb #ca5c662e
 def _f64(x, name: str) -> torch.Tensor:
@@ -237,14 +238,6 @@ class FeatureCNN(nn.Module):
     def forward(self, x): return self.head(self.body(x))
 
 # %% ../nbs/api/07_metrics.ipynb #aed695ab
-@contextlib.contextmanager
-def _torch_threads(n: int | None):
-    "Temporarily set torch's intra-op thread count (restored afterwards)."
-    old = torch.get_num_threads()
-    if exists(n): torch.set_num_threads(n)
-    try: yield
-    finally: torch.set_num_threads(old)
-
 def _check_labelled(images, labels, num_classes):
     check_images(images)
     if labels is None:
@@ -269,7 +262,7 @@ def train_feature_classifier(images: torch.Tensor, labels: torch.Tensor, *, num_
     x, y = images.to(device, torch.float32), labels.to(device)
     g = torch.Generator().manual_seed(seed)
     steps_per_epoch = -(-len(x) // batch_size)
-    with _torch_threads(num_threads), torch.random.fork_rng(devices=[]):
+    with torch_threads(num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)                      # weight init only, inside the forked RNG state
         net = FeatureCNN(x.shape[1], num_classes, width=width, feat_dim=feat_dim).to(device)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
@@ -386,6 +379,8 @@ def classifier_features(images: torch.Tensor, labels: torch.Tensor | None, num_c
     return ClassifierFeatures(net, name=name, version=fp[:8], input_shape=images.shape[1:], meta=meta)
 
 # %% ../nbs/api/07_metrics.ipynb #4c3383ec
+FEATURES = ('classifier', 'inception')        # the FID feature networks (`eval.features`)
+
 def make_feature_extractor(kind: str = 'auto', *, images=None, labels=None, num_classes: int = 0, dataset: str | None = None,
                            cache_dir=None, device=None, **kwargs) -> FeatureExtractor:
     "'classifier' (needs labelled `images`), 'inception', or 'auto' (classifier when labels exist, else Inception)."
@@ -394,7 +389,7 @@ def make_feature_extractor(kind: str = 'auto', *, images=None, labels=None, num_
     if kind == 'classifier':
         if images is None: raise ConfigError("classifier features need the labelled training `images`")
         return classifier_features(images, labels, num_classes, dataset=dataset, cache_dir=cache_dir, device=default(device, 'cpu'), **kwargs)
-    raise ConfigError(f"unknown feature extractor {kind!r}: use 'auto', 'classifier' or 'inception'")
+    raise ConfigError(f"unknown feature extractor {kind!r}: use 'auto' or one of {', '.join(FEATURES)}")
 
 # %% ../nbs/api/07_metrics.ipynb #1a6a2414
 def split_real(n_real: int, n: int, *, seed: int = 0, n_ref: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

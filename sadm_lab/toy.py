@@ -10,16 +10,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .core import ConfigError
-from .diffusion import Diffusion
+from .core import ConfigError, seeded
+from .diffusion import Diffusion, space_timesteps
 from .models.layers import timestep_embedding
+from .objectives import DSM, MicroBatch, Schedule, Stage, objective_step
 from .sample import Denoiser, sample_ddpm, sample_ddim
-from .diffusion import space_timesteps
-from .structure import StructureEncoder, StructureTerm
+from .structure import build_structure_game
 
 # %% auto #0
-__all__ = ['TOYS', 'toy_spec', 'toy_data', 'sliced_wasserstein', 'mmd2', 'mode_stats', 'pairwise_distance_hist', 'toy_metrics',
-           'ToyDenoiser', 'train_toy', 'sample_toy', 'compare_toy', 'summarize', 'plot_toy']
+__all__ = ['TOYS', 'TOY_SADM', 'toy_spec', 'toy_data', 'sliced_wasserstein', 'mmd2', 'mode_stats', 'pairwise_distance_hist',
+           'toy_metrics', 'ToyDenoiser', 'train_toy', 'sample_toy', 'compare_toy', 'summarize', 'plot_toy']
 
 # %% ../nbs/api/12_toy.ipynb #785e7102
 TOYS = ('gaussians', 'rings')
@@ -113,43 +113,41 @@ class ToyDenoiser(nn.Module):
     def forward(self, x, t, y=None):
         return self.net(torch.cat([x, timestep_embedding(t, 32).to(x.dtype)], 1))
 
+TOY_SADM = {'d_lr': 1e-3, 'warmup_steps': 0}     # the toy's sadm.* defaults (the rest are SadmConfig's)
+
 def train_toy(kind: str = 'gaussians', *, steps: int = 3000, batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
-              n_data: int = 4096, lam: float | None = None, sadm: dict | None = None, encoder: dict | None = None,
-              d_lr: float = 1e-3, log_every: int = 100, timesteps: int = 1000, progress: bool = False) -> dict:
-    """Train a `ToyDenoiser` on `n_data` points of `kind`. `lam` switches SADM's structure term on with weight λ;
-    `sadm` are further `StructureTerm` options, `encoder` options of its `StructureEncoder` (an MLP on 2-D points).
-    Returns model, diffusion, the training data and a history of logged dicts (step, loss, and the structure terms)."""
+              n_data: int = 4096, lam: float | None = None, sadm: dict | None = None, d_grad_clip: float = 1.0,
+              log_every: int = 100, timesteps: int = 1000, progress: bool = False) -> dict:
+    """Train a `ToyDenoiser` on `n_data` points of `kind`. `lam` switches SADM's structure game on with weight λ;
+    `sadm`: further `sadm.*` settings (e.g. {'start_step': 3000, 'd_steps': 0}) over `TOY_SADM`; `d_grad_clip`: the
+    discriminator's gradient clipping (the trainer's `train.grad_clip`). Returns model, diffusion, the training data,
+    a history of logged dicts (step, loss, and the game's values) and the game (None without `lam`)."""
     from tqdm.auto import tqdm
     data, _ = toy_data(kind, n_data, seed=seed + 10_000)
-    torch.manual_seed(seed)
-    model = ToyDenoiser()
+    with seeded(seed): model = ToyDenoiser()
     dif = Diffusion(schedule='cosine', timesteps=timesteps, prediction='eps')
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    term = enc = None
+    objectives, stages, game = {'dsm': DSM()}, [Stage('training', 0, ('dsm',), lr=lr)], None
     if lam is not None:
-        term = StructureTerm(dif, weight=lam, **(sadm or {}))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 7_777)
-            enc = StructureEncoder((2,), **(encoder or {}))
-        d_opt = torch.optim.AdamW(enc.parameters(), lr=d_lr, betas=(0.5, 0.999))
+        game = build_structure_game({**TOY_SADM, **(sadm or {}), 'weight': lam}, diffusion=dif, sample_shape=(2,),
+                                    seed=seed, d_grad_clip=d_grad_clip)
+        objectives['sadm'] = game
+        start = int((sadm or {}).get('start_step', 0))
+        stages = [s for s in stages if start > 0] + [Stage('SADM', start, ('dsm', 'sadm'), lr=None if start else lr)]
+    schedule = Schedule(stages, steps)
     g = torch.Generator().manual_seed(seed)
     hist, win, t0 = [], {}, time.perf_counter()
     for step in tqdm(range(steps), disable=not progress, desc=f'toy {kind}'):
         x0 = data[torch.randint(0, len(data), (batch_size,), generator=g)]
-        out = dif.training_losses(model, x0, generator=g)
-        loss = out['loss'].mean()
-        rec = {'loss': loss.item()}
-        if term is not None and term.active(step):
-            if term.d_due(step): rec.update({k: float(v) for k, v in term.d_update(enc, d_opt, x0, out['pred_x0'], out['t']).items()})
-            lam_s = term.lam(step)
-            gs, n = term.g_term(enc, x0, out['pred_x0'], out['t'], grad=lam_s > 0)
-            if n >= 2: rec['g_struct'] = gs.item()
-            if lam_s > 0: loss = loss + lam_s * gs
+        stage = schedule.at(step)
+        loss, logs, _ = objective_step(model, dif, [objectives[n] for n in stage.objectives], MicroBatch(x0, None, g, step, stage))
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        for k, v in rec.items(): a, c = win.get(k, (0.0, 0)); win[k] = (a + v, c + 1)
+        for k, v in logs.items(): a, c = win.get(k, (0.0, 0)); win[k] = (a + float(v), c + 1)
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            hist.append({'step': step + 1, **{k: a / c for k, (a, c) in win.items()}, 'time': time.perf_counter() - t0}); win = {}
-    return dict(model=model.eval(), diffusion=dif, data=data, history=hist, encoder=enc)
+            hist.append({'step': step + 1, **{k: a / c for k, (a, c) in win.items()}, 'time': time.perf_counter() - t0})
+            win = {}
+    return dict(model=model.eval(), diffusion=dif, data=data, history=hist, game=game,
+                encoder=game.encoder if game is not None else None)
 
 @torch.no_grad()
 def sample_toy(model: nn.Module, diffusion: Diffusion, n: int = 2000, *, steps: int = 100, sampler: str = 'ddpm',

@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/06_train.ipynb #44986bb6
 from __future__ import annotations
-import contextlib, inspect, json, math, resource, sys, time, warnings
+import contextlib, functools, inspect, json, time
 from copy import deepcopy
 from pathlib import Path
 
@@ -12,18 +12,22 @@ import torch
 from torch import nn
 
 from .core import (SadmError, ConfigError, CheckpointError, atomic_torch_save, atomic_write_json,
-                           atomic_write_text, safe_torch_load, get_device)
+                           atomic_write_text, safe_torch_load, get_device, peak_memory_mb, seeded, check_choice)
 from .config import RunConfig, load_config, check_resumable, validate, from_dict, config_diff
 from .data import load_data, ImageData
 from .diffusion import Diffusion, drop_labels
 from .models import MODELS, build_model, family_of
+from .objectives import (MicroBatch, Schedule, Stage, build_objectives, build_schedule, lr_at,
+                                 objective_step)
+_all_ = ['lr_at']                 # re-exported: `sadm_lab.train.lr_at` (defined with the schedule it serves)
 from .sample import generate
 from .viz import save_image_grid
 
 # %% auto #0
-__all__ = ['build_data', 'build_reference_data', 'build_network', 'build_diffusion', 'EMA', 'lr_at', 'BatchStream',
-           'step_generator', 'Callback', 'RunDir', 'check_state_dict', 'load_weights', 'read_weights', 'make_evaluator',
-           'check_eval_settings', 'Trainer', 'load_run']
+__all__ = ['build_data', 'build_reference_data', 'build_network', 'build_diffusion', 'EMA', 'BatchStream', 'step_generator',
+           'Callback', 'RunDir', 'check_state_dict', 'load_weights', 'read_weights', 'make_evaluator',
+           'check_eval_settings', 'make_accelerator', 'Trainer', 'LogWindow', 'training_clock', 'training_time',
+           'load_run', 'lr_at']
 
 # %% ../nbs/api/06_train.ipynb #5cae7f52
 def build_data(cfg: RunConfig, split: str = 'train') -> ImageData:
@@ -84,14 +88,6 @@ class EMA(nn.Module):
         self.num_updates += 1
 
 # %% ../nbs/api/06_train.ipynb #a5c323bd
-def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, schedule: str = 'constant') -> float:
-    "Linear warm-up to `lr` over `warmup_steps`, then constant or cosine decay to 0 at `total_steps`."
-    if warmup_steps and step < warmup_steps: return lr * (step + 1) / warmup_steps
-    if schedule == 'cosine':
-        span = max(1, total_steps - warmup_steps)
-        return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
-    return lr
-
 class BatchStream:
     "Deterministic, resumable batch indices: seeded epoch permutations, sharded over ranks and micro-batches."
     def __init__(self, n: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, grad_accum: int = 1):
@@ -148,6 +144,8 @@ class RunDir:
     def ckpt_dir(self): return self.path / 'checkpoints'
     @property
     def samples_dir(self): return self.path / 'samples'
+    @property
+    def schedule_path(self): return self.path / 'schedule.json'
 
     def checkpoints(self) -> list[Path]:
         return sorted(self.ckpt_dir.glob('ckpt-*.pt'))
@@ -172,6 +170,17 @@ class RunDir:
 
     def append_metrics(self, rec: dict):
         with open(self.metrics_path, 'a') as f: f.write(json.dumps(rec) + '\n')
+
+    def read_schedule(self, total_steps: int | None = None) -> Schedule | None:
+        "The schedule in `schedule.json` (None if the folder has none), ending at `total_steps` if given."
+        if not self.schedule_path.is_file(): return None
+        try: return Schedule.from_dict(json.loads(self.schedule_path.read_text()), total_steps)
+        except json.JSONDecodeError as e: raise ConfigError(f"{self.schedule_path} is not valid JSON: {e}") from None
+
+    def schedule(self) -> Schedule:
+        "The run's stages: `schedule.json`, else what its config describes."
+        cfg = load_config(self.config_path)
+        return self.read_schedule(cfg.train.steps) or build_schedule(cfg)
 
     def truncate_metrics(self, step: int):
         "Drop records logged after `step` (they are re-logged when training resumes from `step`)."
@@ -232,8 +241,8 @@ def make_evaluator(data: ImageData, *, features: str = 'classifier', n: int | No
 
 def check_eval_settings(data: ImageData, *, features: str, n: int | None):
     "Fail before training, not at the first evaluation, when the FID settings cannot work for `data`."
-    if features not in ('classifier', 'inception'):
-        raise ConfigError(f"unknown FID features {features!r}: use 'classifier' or 'inception'")
+    from sadm_lab.metrics import FEATURES
+    check_choice('eval.features', features, FEATURES)
     if features == 'classifier' and data.labels is None:
         raise ConfigError(f"eval.features='classifier' needs class labels, and {data.name!r} has none: "
                           "use eval.features=inception (or eval.enabled=false)")
@@ -241,458 +250,415 @@ def check_eval_settings(data: ImageData, *, features: str, n: int | None):
         raise ConfigError(f"eval.num_samples={n} is too large for {len(data)} real images: the protocol needs n fake, "
                           f"n real for the floor and at least n reference images, so use eval.num_samples<={len(data) // 2}")
 
-# %% ../nbs/api/06_train.ipynb #56136313
-def _peak_memory_mb(device) -> float:
-    if device.type == 'cuda': return torch.cuda.max_memory_allocated(device) / 2**20
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss     # KiB on Linux, bytes on macOS
-    return r / (2**20 if sys.platform == 'darwin' else 2**10)
+# %% ../nbs/api/06_train.ipynb #d0f71220
+def make_accelerator(tc):
+    "An `Accelerator` for `train.device` and `train.precision` (fp16 needs CUDA; bf16 runs on CPUs and most GPUs)."
+    from accelerate import Accelerator
+    dev = tc.device
+    use_cpu = dev == 'cpu' or (dev == 'auto' and not torch.cuda.is_available())
+    if dev not in ('auto', 'cpu'): get_device(dev)      # validate e.g. 'cuda' on a machine without one
+    if tc.precision == 'fp16' and use_cpu: raise ConfigError("train.precision='fp16' needs a CUDA device; use 'bf16' on CPU")
+    if tc.precision == 'bf16' and not use_cpu and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.precision='bf16' is not supported by this GPU; use 'fp16' or 'fp32'")
+    return Accelerator(cpu=use_cpu, mixed_precision='fp16' if tc.precision == 'fp16' else 'no')
 
 class Trainer:
-    "Train a diffusion transformer as `cfg` says, in the run folder `run_dir`."
+    """Train a diffusion transformer as `cfg` says in the run folder `run_dir` (see above); `schedule`: the stages
+    (default `build_schedule(cfg)`; a resumed run keeps the one in its folder)."""
     def __init__(self, cfg: RunConfig, run_dir, *, resume: bool | None = None, callbacks=(), accelerator=None,
-                 progress: bool = True, data: ImageData | None = None):
-        from accelerate import Accelerator
-        self.cfg = validate(cfg)
-        self.run = RunDir(run_dir)
-        self.callbacks = list(callbacks)
-        self.progress = progress
+                 progress: bool = True, data: ImageData | None = None, schedule: Schedule | None = None):
+        self.cfg, self.run = validate(cfg), RunDir(run_dir)
+        self.callbacks, self.progress = list(callbacks), progress
         tc = cfg.train
-        if accelerator is None:
-            dev = tc.device
-            use_cpu = dev == 'cpu' or (dev == 'auto' and not torch.cuda.is_available())
-            if dev not in ('auto', 'cpu'): get_device(dev)      # validate e.g. 'cuda' on a machine without one
-            if tc.precision == 'fp16' and use_cpu:
-                raise ConfigError("train.precision='fp16' needs a CUDA device; use 'bf16' on CPU")
-            if tc.precision == 'bf16' and not use_cpu and not torch.cuda.is_bf16_supported():
-                raise ConfigError("train.precision='bf16' is not supported by this GPU; use 'fp16' or 'fp32'")
-            accelerator = Accelerator(cpu=use_cpu, mixed_precision='fp16' if tc.precision == 'fp16' else 'no')
-        self.acc = accelerator
-        self.device = self.acc.device
-        self.is_main = self.acc.is_main_process
-        if tc.tf32 and self.device.type == 'cuda':
-            torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
-
-        self._prepare_run_dir(resume)
-        with self.acc.main_process_first():       # one process downloads/prepares data, the others then read it
+        self.acc = accelerator if accelerator is not None else make_accelerator(tc)
+        self.device, self.is_main = self.acc.device, self.acc.is_main_process
+        self.resume_from = self._prepare_run_dir(resume)      # the checkpoint to continue from, or None
+        self.schedule = self._resolve_schedule(schedule)
+        with self.acc.main_process_first():                 # one process downloads/prepares data, the others read it
             self.data = data if data is not None else build_data(cfg)
             self.eval_data = (build_reference_data(cfg) if data is None and cfg.data.max_images is not None
-                              and cfg.eval.enabled else self.data)   # FID's reference set (see `build_reference_data`)
+                              and cfg.eval.enabled else self.data)   # FID's reference set (`build_reference_data`)
         if len(self.data) < 2: raise SadmError(f"dataset {cfg.data.name!r} has {len(self.data)} images; need at least 2")
-        torch.manual_seed(tc.seed)                 # the initial weights depend on the seed only
-        net = build_network(cfg, self.data)
-        if tc.init_from and self._resume_from is None:   # on resume the run's own checkpoint wins
+        with seeded(tc.seed): net = build_network(cfg, self.data)     # the initial weights depend on the seed only
+        if tc.init_from and self.resume_from is None:       # on resume the run's own checkpoint wins
             load_weights(net, read_weights(tc.init_from, weights=tc.init_weights), source=f"train.init_from={tc.init_from}")
         self.diffusion = build_diffusion(cfg)
         self.ema = EMA(net, tc.ema_decay).to(self.device) if tc.ema_decay > 0 else None
         opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
-        self._net = net                            # the bare network: EMA, checkpoints and sampling use it
-        self.model, self.opt = self.acc.prepare(net, opt)   # DDP-wrapped under accelerate launch
-        self._build_sadm()
-        if tc.compile: self.model = torch.compile(self.model)
-        self.step = 0
+        self.unwrapped = net                                 # the bare network: EMA, checkpoints, sampling, objectives
+        self.model, self.opt = self.acc.prepare(net, opt)    # `model` is DDP-wrapped under accelerate launch
         self.stream = BatchStream(len(self.data), tc.batch_size, seed=tc.seed, rank=self.acc.process_index,
                                   world_size=self.acc.num_processes, grad_accum=tc.grad_accum)
-        self._stop = False
-        self._evaluator = None
+        self.objectives = build_objectives(cfg, self.schedule, net=net, diffusion=self.diffusion, device=self.device,
+                                           sample_shape=tuple(self.data.images.shape[1:]),
+                                           processes=self.acc.num_processes, micro_batch=self.stream.micro,
+                                           heldout=lambda: self.heldout_data or self.data)
+        if tc.compile: self.model = torch.compile(self.model)
+        self.step, self.stop_requested = 0, False
+        self.resumed_at: str | None = None                   # the checkpoint file `fit` logs a 'resume' event for
+        self._evaluator = None                               # built at the first evaluation (`evaluator`)
         if cfg.eval.enabled: check_eval_settings(self.eval_data, features=cfg.eval.features, n=cfg.eval.num_samples)
-        self.draw_keep_idx(2, torch.Generator(device=self.device))   # bad mask settings fail here, not at step 1
-        if self._resume_from is not None: self.load_checkpoint(self._resume_from)
+        if self.resume_from is not None: self.load_checkpoint(self.resume_from)
         if self.step > tc.steps:
             raise ConfigError(f"the checkpoint is at step {self.step}, beyond train.steps={tc.steps}: "
                               f"resume with train.steps >= {self.step}")
-        self._write_config()
-
-    # -- run folder ------------------------------------------------------------------------------------
-    def _prepare_run_dir(self, resume):
-        self._resume_from = None
-        run = self.run
-        if run.config_path.is_file():
-            saved = load_config(run.config_path)
-            if resume is False:
-                raise SadmError(f"run folder {run.path} already holds a run; resume it (--resume) or choose another folder")
-            check_resumable(saved, self.cfg)
-            self._resume_from = run.latest_checkpoint()
-            if self._resume_from is None and resume:
-                raise CheckpointError(f"cannot resume {run.path}: it has a config but no checkpoint yet")
-        elif resume:
-            raise SadmError(f"cannot resume: {run.path} holds no run (no config.json)")
-        elif run.path.exists() and any(run.path.iterdir()):
-            raise SadmError(f"{run.path} exists and is not a sadm_lab run folder; choose an empty or new folder")
-
-    def _write_config(self):
-        # only once data, model and checkpoint loaded fine: bad input leaves no run folder behind
-        self.acc.wait_for_everyone()
-        if self.is_main:
-            self.run.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.run.config_path, self.cfg.to_dict())
-        self.acc.wait_for_everyone()
-
-    @property
-    def unwrapped(self) -> nn.Module:
-        "The bare network (no DDP or compile wrapper)."
-        return self._net
+        self._write_run_files()
 
     @property
     def sampling_model(self) -> nn.Module:
+        "The EMA network (or the raw one without EMA): what samples and evaluations use."
         return self.ema.model if self.ema is not None else self.unwrapped
 
     def request_stop(self):
-        "Finish the current step, write a checkpoint and return from `fit()`."
-        self._stop = True
+        "Finish the current step, write a checkpoint and return from `fit()` (safe to call from any thread)."
+        self.stop_requested = True
 
-    # -- SADM ------------------------------------------------------------------------------------------
-    def _build_sadm(self):
-        "The structure discriminator (encoder and its own AdamW) and `StructureTerm`."
-        sd, tc = self.cfg.sadm, self.cfg.train
-        self.sadm = None
-        if not sd.enabled: return
-        from sadm_lab.structure import StructureEncoder, StructureTerm
-        micro = tc.batch_size // (self.acc.num_processes * tc.grad_accum)
-        seen = micro * (self.acc.num_processes if sd.global_batch else 1)
-        if seen < 2:
-            raise ConfigError(f"sadm needs at least 2 images per micro-batch to have a structure, got {micro} "
-                              f"(train.batch_size={tc.batch_size} over {self.acc.num_processes} processes x "
-                              f"train.grad_accum={tc.grad_accum}); raise the batch"
-                              + ('' if sd.global_batch else ' or use sadm.global_batch=true'))
-        if sd.omega == 'constant' and sd.t_max > 0.8 and self.cfg.diffusion.prediction != 'x0':
-            warnings.warn(f"sadm.omega='constant' with sadm.t_max={sd.t_max}: near t = T the gradient through "
-                          f"x0-hat is amplified by sigma/alpha (up to ~1e4); sadm.omega=snr or dsm avoids it")
-        cuda = [self.device.index or 0] if self.device.type == 'cuda' else []
-        with torch.random.fork_rng(devices=cuda):   # its own seed: the denoiser's initial weights stay those of plain training
-            torch.manual_seed(tc.seed + 7_777)
-            enc = StructureEncoder(tuple(self.data.images.shape[1:]), dim=sd.encoder_dim, width=sd.encoder_width,
-                                   time_cond=sd.time_cond, spectral_norm=sd.spectral_norm).to(self.device)
-        self.d_opt = torch.optim.AdamW(enc.parameters(), lr=sd.d_lr, betas=(sd.d_beta1, 0.999), weight_decay=0.0)
-        self._encoder = enc
-        self.encoder = enc
-        if self.acc.num_processes > 1:   # DDP averages its gradients; plain DDP, not accelerate's, which would add fp16 autocast
-            from torch.nn.parallel import DistributedDataParallel
-            self.encoder = DistributedDataParallel(enc, device_ids=cuda or None)
-        self.sadm = StructureTerm(self.diffusion, weight=sd.weight, warmup_steps=sd.warmup_steps, start_step=sd.start_step,
-                                  omega=sd.omega, t_max=sd.t_max, omega_cap=sd.omega_cap, affinity=sd.affinity, tau=sd.tau,
-                                  p=sd.p, x0_clip=sd.x0_clip, d_steps=sd.d_steps, d_every=sd.d_every,
-                                  r1_gamma=sd.r1_gamma, global_batch=sd.global_batch)
+    def __repr__(self):
+        return (f"Trainer({self.cfg.name!r} in {self.run.path}, step {self.step} of {self.cfg.train.steps}, "
+                f"{self.acc.num_processes} process(es) on {self.device}):\n" + self.schedule.describe())
 
-    def sadm_heldout_batch(self):
-        """(x0, y, t, noise) for the logged held-out structure distance: the first `sadm.heldout_size` test images
-        (training images if the dataset has no test split), timesteps spread evenly over [0, t_max·T), fixed noise."""
-        if not hasattr(self, '_sadm_held'):
-            sd, n = self.cfg.sadm, self.cfg.sadm.heldout_size
-            held = self.heldout() or self.data
-            n = min(n, len(held))
-            x0 = held.images[:n].to(self.device)
-            y = held.labels[:n].to(self.device) if (held.labels is not None and self.unwrapped.num_classes > 0) else None
-            T = self.diffusion.num_timesteps
-            t = torch.linspace(0, sd.t_max * T - 1, n).long().clamp(0, T - 1).to(self.device)
-            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2024)).to(self.device)
-            self._sadm_held = (x0, y, t, noise)
-        return self._sadm_held
+# %% ../nbs/api/06_train.ipynb #5f5a0594
+def _prepare_run_dir(self, resume) -> Path | None:
+    "Check the run folder against `resume`; return the checkpoint to resume from (None for a fresh run)."
+    run = self.run
+    if run.config_path.is_file():
+        saved = load_config(run.config_path)
+        if resume is False:
+            raise SadmError(f"run folder {run.path} already holds a run; resume it (--resume) or choose another folder")
+        check_resumable(saved, self.cfg)
+        ck = run.latest_checkpoint()
+        if ck is None and resume:
+            raise CheckpointError(f"cannot resume {run.path}: it has a config but no checkpoint yet")
+        return ck
+    if resume: raise SadmError(f"cannot resume: {run.path} holds no run (no config.json)")
+    if run.path.exists() and any(run.path.iterdir()):
+        raise SadmError(f"{run.path} exists and is not a sadm_lab run folder; choose an empty or new folder")
+    return None
 
-    @torch.no_grad()
-    def sadm_heldout_distance(self) -> dict:
-        """Structure distance between held-out images and the denoiser's one-step predictions of them: under the
-        current encoder (`heldout_struct`, the game's own measure, which moves as the encoder learns) and in pixel
-        space (`heldout_struct_pixels`, a fixed ruler: cosine affinity of the images minus the real batch's mean
-        image, same ω). Main process, this process's model, no gathering."""
-        if self.sadm is None or self.cfg.sadm.heldout_size < 2: return {}
-        x0, y, t, noise = self.sadm_heldout_batch()
-        net, enc = self.unwrapped, self._encoder
-        was = net.training, enc.training
-        net.eval(); enc.eval()                         # (spectral norm's power iteration does not advance either)
-        pred = self.diffusion.training_losses(net, x0, y=y, t=t, noise=noise)['pred_x0']
-        cur, n = self.sadm.distance(enc, x0, pred, t, gather=False)
-        net.train(was[0]); enc.train(was[1])
-        if n < 2: return {}
-        from sadm_lab.structure import structural_distance
-        w = self.sadm.omega(t)
-        keep = w > 0
-        mean = x0[keep].mean(0, keepdim=True)
-        pix = structural_distance((x0[keep] - mean).flatten(1).float(), (pred[keep].clamp(-self.sadm.x0_clip, self.sadm.x0_clip)
-                                  - mean).flatten(1).float(), weights=w[keep])
-        return {'heldout_struct': float(cur), 'heldout_struct_pixels': float(pix)}
+def _resolve_schedule(self, schedule: Schedule | None) -> Schedule:
+    "The given schedule, else the run folder's (on resume), else the config's; a resumed run must keep its own."
+    saved = self.run.read_schedule(self.cfg.train.steps) if self.resume_from is not None else None
+    if saved is not None and schedule is not None and saved != schedule:
+        raise ConfigError(f"cannot resume {self.run.path} with another schedule: it was trained with\n"
+                          f"{saved.describe()}\nnot\n{schedule.describe()}")
+    return schedule or saved or build_schedule(self.cfg)
 
-    # -- checkpoints -----------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {'format': 'sadm_lab-ckpt-1', 'step': self.step, 'config': self.cfg.to_dict(),
-                'sadm': None if self.sadm is None else {'encoder': self._encoder.state_dict(), 'optimizer': self.d_opt.state_dict()},
-                'model': self.unwrapped.state_dict(), 'ema': self.ema.state_dict() if self.ema else None,
-                'optimizer': self.opt.state_dict(),
-                'scaler': self.acc.scaler.state_dict() if getattr(self.acc, 'scaler', None) is not None else None,
-                'rng': {'torch': torch.get_rng_state(),
-                        'cuda': torch.cuda.get_rng_state(self.device) if self.device.type == 'cuda' else None}}
+def _write_run_files(self):
+    "config.json and schedule.json (main process; atomic), with every process waiting for them."
+    self.acc.wait_for_everyone()
+    if self.is_main:
+        self.run.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.run.config_path, self.cfg.to_dict())
+        atomic_write_json(self.run.schedule_path, self.schedule.to_dict())
+    self.acc.wait_for_everyone()
 
-    def save_checkpoint(self) -> Path | None:
-        "Write `checkpoints/ckpt-<step>.pt` and point `latest.json` at it (main process; atomic)."
-        self.acc.wait_for_everyone()
-        path = None
-        if self.is_main:
-            path = self.run.ckpt_dir / f'ckpt-{self.step:07d}.pt'
-            atomic_torch_save(self.state_dict(), path)
-            atomic_write_json(self.run.ckpt_dir / 'latest.json', {'file': path.name, 'step': self.step})
-            for old in self.run.checkpoints()[:-self.cfg.train.keep_checkpoints]:
-                if old != path: old.unlink(missing_ok=True)
-            for cb in self.callbacks: cb.on_checkpoint(self, path)
-        self.acc.wait_for_everyone()
-        return path
+Trainer._prepare_run_dir, Trainer._resolve_schedule, Trainer._write_run_files = (_prepare_run_dir, _resolve_schedule,
+                                                                                 _write_run_files)
 
-    def load_checkpoint(self, path):
-        "Restore model, EMA, optimiser and step from a checkpoint of this run."
-        ck = safe_torch_load(path)
-        if not isinstance(ck, dict) or ck.get('format') != 'sadm_lab-ckpt-1':
-            raise CheckpointError(f"{path} is not a sadm_lab training checkpoint")
-        load_weights(self.unwrapped, ck['model'], source=str(path))
-        if self.ema is not None and ck.get('ema') is not None:
-            load_weights(self.ema, ck['ema'], source=f"{path} (EMA)")
-        if self.sadm is not None:
-            if not isinstance(ck.get('sadm'), dict):
-                raise CheckpointError(f"{path} has no structure discriminator state, but this run has sadm.enabled")
-            load_weights(self._encoder, ck['sadm']['encoder'], source=f"{path} (structure encoder)")
-        try:
-            if self.sadm is not None: self.d_opt.load_state_dict(ck['sadm']['optimizer'])
-            self.opt.load_state_dict(ck['optimizer'])
-            self.step = int(ck['step'])
-            if ck.get('scaler') is not None and getattr(self.acc, 'scaler', None) is not None:
-                self.acc.scaler.load_state_dict(ck['scaler'])
-            torch.set_rng_state(ck['rng']['torch'])   # (training draws from its own generators; kept for user code)
-            if ck['rng'].get('cuda') is not None and self.device.type == 'cuda':
-                torch.cuda.set_rng_state(ck['rng']['cuda'], self.device)
-        except (KeyError, ValueError, TypeError) as e:
-            raise CheckpointError(f"{path} is incomplete or from another optimiser setup: {type(e).__name__}: {e}") from e
-        self._resumed_from = Path(path).name
+# %% ../nbs/api/06_train.ipynb #01185803
+def _state_dict(self) -> dict:
+    return {'format': 'sadm_lab-ckpt-1', 'step': self.step, 'config': self.cfg.to_dict(),
+            'schedule': self.schedule.to_dict(),
+            'objectives': {n: s for n, o in self.objectives.items() if (s := o.state_dict())},
+            'model': self.unwrapped.state_dict(), 'ema': self.ema.state_dict() if self.ema else None,
+            'optimizer': self.opt.state_dict(),
+            'scaler': self.acc.scaler.state_dict() if getattr(self.acc, 'scaler', None) is not None else None,
+            'rng': {'torch': torch.get_rng_state(),
+                    'cuda': torch.cuda.get_rng_state(self.device) if self.device.type == 'cuda' else None}}
 
-    # -- logging -----------------------------------------------------------------------------------------
-    def log_event(self, event: str, **info):
-        if self.is_main: self.run.append_metrics({'kind': 'event', 'step': self.step, 'event': event, 'time': time.time(), **info})
+def _save_checkpoint(self) -> Path | None:
+    "Write `checkpoints/ckpt-<step>.pt` and point `latest.json` at it (main process; atomic)."
+    self.acc.wait_for_everyone()
+    path = None
+    if self.is_main:
+        path = self.run.ckpt_dir / f'ckpt-{self.step:07d}.pt'
+        atomic_torch_save(self.state_dict(), path)
+        atomic_write_json(self.run.ckpt_dir / 'latest.json', {'file': path.name, 'step': self.step})
+        for old in self.run.checkpoints()[:-self.cfg.train.keep_checkpoints]:
+            if old != path: old.unlink(missing_ok=True)
+        for cb in self.callbacks: cb.on_checkpoint(self, path)
+    self.acc.wait_for_everyone()
+    return path
 
-    # -- one optimiser step ------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.cfg.train.precision == 'bf16':
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return self.acc.autocast() if self.cfg.train.precision == 'fp16' else contextlib.nullcontext()
+def _load_checkpoint(self, path):
+    "Restore network, EMA, optimiser, objectives and step from a checkpoint of this run."
+    ck = safe_torch_load(path)
+    if not isinstance(ck, dict) or ck.get('format') != 'sadm_lab-ckpt-1':
+        raise CheckpointError(f"{path} is not a sadm_lab training checkpoint")
+    load_weights(self.unwrapped, ck['model'], source=str(path))
+    if self.ema is not None and ck.get('ema') is not None: load_weights(self.ema, ck['ema'], source=f"{path} (EMA)")
+    states = dict(ck.get('objectives') or {})
+    if isinstance(ck.get('sadm'), dict): states.setdefault('sadm', ck['sadm'])    # the earlier layout
+    try:
+        for name, obj in self.objectives.items():
+            if obj.state_dict(): obj.load_state_dict(states.get(name))
+        self.opt.load_state_dict(ck['optimizer'])
+        self.step = int(ck['step'])
+        if ck.get('scaler') is not None and getattr(self.acc, 'scaler', None) is not None:
+            self.acc.scaler.load_state_dict(ck['scaler'])
+    except CheckpointError as e: raise CheckpointError(f"{path}: {e}") from e
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} is incomplete or from another optimiser setup: {type(e).__name__}: {e}") from e
+    self.resumed_at = Path(path).name
 
-    @property
-    def finetune_start(self) -> int | None:
-        "The step where masked pre-training hands over to unmasked fine-tuning (None: single stage)."
-        mc = self.cfg.mask
-        return mc.pretrain_steps if (mc.strategy != 'none' and mc.pretrain_steps > 0) else None
+Trainer.state_dict, Trainer.save_checkpoint, Trainer.load_checkpoint = _state_dict, _save_checkpoint, _load_checkpoint
 
-    def mask_ratio_at(self, step: int) -> float | None:
-        "The requested mask ratio at `step` (None for 'crop', whose ratio follows from its size; 0 = unmasked)."
-        mc, start = self.cfg.mask, self.finetune_start
-        if mc.strategy == 'none' or (start is not None and step >= start): return 0.0
-        if mc.strategy == 'crop': return None
-        if mc.anneal != 'none':
-            from sadm_lab.masking import mask_ratio_schedule
-            return mask_ratio_schedule(step, start=mc.ratio, end=0.0, steps=start, kind=mc.anneal)
-        return mc.ratio
+# %% ../nbs/api/06_train.ipynb #5d7ae88c
+def _micro_batch(self, step: int, micro: int, stage: Stage) -> MicroBatch:
+    "This rank's micro-batch `micro` of optimiser step `step`: images, labels (with CFG dropout), its generator."
+    idx = self.stream.indices(step, micro)
+    x0 = self.data.images[idx].to(self.device, non_blocking=True)
+    null = self.unwrapped.num_classes
+    y = self.data.labels[idx].to(self.device) if (self.data.labels is not None and null > 0) else None
+    gen = step_generator(self.cfg.train.seed, step, self.acc.process_index, micro, device=self.device)
+    if y is not None and self.cfg.model.class_dropout_prob > 0:
+        y = drop_labels(y, self.cfg.model.class_dropout_prob, null, generator=gen)
+    return MicroBatch(x0, y, gen, step, stage, micro)
 
-    def draw_keep_idx(self, batch_size: int, generator, step: int = 0) -> torch.Tensor | None:
-        "Indices of the visible tokens for a MaskDM-masked micro-batch (None when nothing is masked at `step`)."
-        mc = self.cfg.mask
-        ratio = self.mask_ratio_at(step)
-        if ratio == 0: return None
-        from sadm_lab.masking import make_mask, mask_to_keep_idx
-        g = self.unwrapped.input_size // self.unwrapped.patch_size
-        mask = make_mask(mc.strategy, batch_size, grid=(g, g), ratio=ratio, block_size=mc.block_size,
-                         crop_size=mc.crop_size, generator=generator, device=self.device)
-        return mask_to_keep_idx(mask)
+def _enter_stage(self, stage: Stage):
+    "What happens as `stage` begins: fresh optimiser moments and/or EMA if it says so; a 'stage' event."
+    if stage.reset_optimizer: getattr(self.opt, 'optimizer', self.opt).state.clear()   # AdamW re-creates it lazily
+    if stage.reset_ema and self.ema is not None:
+        with torch.no_grad():
+            for name, p in self.ema.model.state_dict().items(): p.copy_(self.unwrapped.state_dict()[name])
+            self.ema.num_updates.zero_()
+    self.log_event('stage', stage=stage.name, objectives=list(stage.objectives),
+                   reset_optimizer=stage.reset_optimizer, reset_ema=stage.reset_ema)
 
-    def start_finetuning(self):
-        "The stage switch: masking stops; optionally fresh optimiser state and EMA (logged as an event)."
-        mc = self.cfg.mask
-        if mc.reset_optimizer: getattr(self.opt, 'optimizer', self.opt).state.clear()   # AdamW re-creates it lazily
-        if mc.reset_ema and self.ema is not None:
-            with torch.no_grad():
-                for name, p in self.ema.model.state_dict().items(): p.copy_(self.unwrapped.state_dict()[name])
-                self.ema.num_updates.zero_()
-        self.log_event('stage', stage='finetune', reset_optimizer=mc.reset_optimizer, reset_ema=mc.reset_ema)
+def _autocast(self):
+    if self.cfg.train.precision == 'bf16': return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+    return self.acc.autocast() if self.cfg.train.precision == 'fp16' else None
 
-    @torch.enable_grad()   # even if the caller (e.g. a notebook) switched gradients off globally
-    def train_step(self) -> dict:
-        """One optimiser step over `grad_accum` micro-batches; returns the local mean denoising loss and grad norm, and
-        with SADM the structure terms (see the section *SADM in the step* below)."""
-        tc, step, start = self.cfg.train, self.step, self.finetune_start
-        if start is not None and step >= start:     # fine-tuning: its own warm-up and peak, counted from the switch
-            lr = lr_at(step - start, lr=self.cfg.mask.finetune_lr or tc.lr, warmup_steps=self.cfg.mask.finetune_warmup_steps,
-                       total_steps=tc.steps - start, schedule=tc.lr_schedule)
-        else:
-            lr = lr_at(step, lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=start or tc.steps, schedule=tc.lr_schedule)
-        for g in self.opt.param_groups: g['lr'] = lr
-        self.model.train()
-        total, extra = 0.0, {}
-        null = self.unwrapped.num_classes
-        sadm = self.sadm if (self.sadm is not None and self.sadm.active(step)) else None
-        lam = sadm.lam(step) if sadm else 0.0
+@contextlib.contextmanager
+def _speed_flags(self):
+    "TF32 matmuls for the body when `train.tf32` is on and the device is CUDA; the process's flags are restored after."
+    if not (self.cfg.train.tf32 and self.device.type == 'cuda'):
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try: yield
+    finally: torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+@torch.enable_grad()   # even if the caller (e.g. a notebook) switched gradients off globally
+def _train_step(self) -> dict:
+    "One optimiser step with the current stage's objectives (see above); returns this process's values."
+    tc, step = self.cfg.train, self.step
+    stage = self.schedule.at(step)
+    if step == stage.start > 0: self.enter_stage(stage)
+    lr = self.schedule.lr_at(step, schedule=tc.lr_schedule)
+    for g in self.opt.param_groups: g['lr'] = lr
+    self.model.train()
+    active = [self.objectives[n] for n in stage.objectives]
+    sums, mask_ratio = {}, 0.0
+    with self.speed_flags():
         for micro in range(tc.grad_accum):
-            idx = self.stream.indices(step, micro)
-            x0 = self.data.images[idx].to(self.device, non_blocking=True)
-            y = self.data.labels[idx].to(self.device) if (self.data.labels is not None and null > 0) else None
-            gen = step_generator(tc.seed, step, self.acc.process_index, micro, device=self.device)
-            if y is not None and self.cfg.model.class_dropout_prob > 0:
-                y = drop_labels(y, self.cfg.model.class_dropout_prob, null, generator=gen)
-            keep_idx = self.draw_keep_idx(len(x0), gen, step)
+            mb = self.micro_batch(step, micro, stage)
             sync = micro == tc.grad_accum - 1
-            ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
-            with ctx:
-                with self._autocast():
-                    out = self.diffusion.training_losses(self.model, x0, y=y, generator=gen, keep_idx=keep_idx,
-                                                         net=self.unwrapped, mae_weight=self.cfg.mask.mae_weight)
-                loss = out['loss'].float().mean()
-                total += loss.detach() / tc.grad_accum
-                if sadm is not None and keep_idx is None:
-                    extra = self._sadm_micro(sadm, x0, out, lam, step, extra)
-                    if lam > 0: loss = loss + lam * extra.pop('_g')
-                    else: extra.pop('_g', None)
+            with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
+                loss, logs, _ = objective_step(self.model, self.diffusion, active, mb, autocast=self.autocast())
+                if loss is None: raise ConfigError(f"stage {stage.name!r}: its objectives {stage.objectives} add no loss")
                 self.acc.backward(loss / tc.grad_accum)
+            for k, v in logs.items(): a, c = sums.get(k, (0.0, 0)); sums[k] = (a + v, c + 1)
+            mask_ratio = mb.view.ratio if mb.view is not None else 0.0
         gnorm = self.acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float('inf'))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None: self.ema.update(self.unwrapped)
-        self.step += 1
-        extra.pop('_sums', None)
-        return {'loss': total, 'grad_norm': gnorm.detach() if torch.is_tensor(gnorm) else torch.tensor(float(gnorm)), 'lr': lr,
-                **({'lambda': lam, **extra} if sadm is not None else {})}
+    self.step += 1
+    gnorm = gnorm.detach() if torch.is_tensor(gnorm) else torch.tensor(float(gnorm))
+    return {k: a / c for k, (a, c) in sums.items()} | {'lr': lr, 'grad_norm': gnorm, 'mask_ratio': mask_ratio}
 
-    def _sadm_micro(self, sadm, x0, out, lam, step, extra) -> dict:
-        "One micro-batch of SADM: discriminator update(s) on sg(x̂0), then the generator term (returned as `_g`)."
-        x0_hat, t = out['pred_x0'], out['t']
-        vals = {}
-        if sadm.d_due(step):
-            vals = sadm.d_update(self.encoder, self.d_opt, x0, x0_hat, t, grad_clip=self.cfg.train.grad_clip)
-        g, n = sadm.g_term(self._encoder, x0, x0_hat, t, grad=lam > 0)
-        if n >= 2: vals['g_struct'] = g.detach() / (self.acc.num_processes if sadm.global_batch else 1)
-        sums = extra.setdefault('_sums', {})            # mean over the micro-batches that produced each value
-        for k, v in vals.items(): a, c = sums.get(k, (0.0, 0)); sums[k] = (a + v, c + 1)
-        extra.update({k: a / c for k, (a, c) in sums.items()}, _g=g)
-        return extra
+Trainer.micro_batch, Trainer.enter_stage, Trainer.autocast = _micro_batch, _enter_stage, _autocast
+Trainer.speed_flags, Trainer.train_step = _speed_flags, _train_step
 
-    # -- samples and evaluation ------------------------------------------------------------------------
-    def sample_images(self, n: int, *, seed: int = 1234, progress: bool = False, ema: bool = True) -> torch.Tensor:
-        "`n` images from the EMA (or raw) model with the config's sampler; fixed seed so grids are comparable."
-        sc = self.cfg.sample
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        return generate(self.sampling_model if ema else self.unwrapped, self.diffusion, n, sampler=sc.sampler, steps=sc.steps, eta=sc.eta,
-                        cfg_scale=sc.cfg_scale, batch_size=sc.batch_size, generator=g, device=self.device,
-                        progress=progress)
+# %% ../nbs/api/06_train.ipynb #3a712a72
+class LogWindow:
+    "Sums (on the device, no host sync per step) of the values logged between two log lines (see above)."
+    def __init__(self, keys):
+        self.keys = tuple(dict.fromkeys(keys))
+        self.reset()
 
-    def save_samples(self) -> Path | None:
-        if not self.is_main: return None
-        imgs = self.sample_images(self.cfg.sample.grid_size)
-        k = self.sampling_model.num_classes   # class-conditional: labels cycle over classes, so one class per column
-        path = save_image_grid(imgs, self.run.samples_dir / f'step-{self.step:07d}.png',
-                               nrow=k if 0 < k <= len(imgs) else None)
-        for cb in self.callbacks: cb.on_samples(self, imgs, path)
-        return path
+    def reset(self):
+        self.sums = {k: (0.0, 0) for k in self.keys}
+        self.images, self.t0 = 0, time.perf_counter()
 
-    def evaluator(self):
-        "The FID evaluator for this run's data (built once; trains/loads the feature network if needed)."
-        if self._evaluator is None:
-            ec = self.cfg.eval
-            self._evaluator = make_evaluator(self.eval_data, features=ec.features, n=ec.num_samples, device=self.device)
-        return self._evaluator
+    def add(self, values: dict, images: int):
+        for k, v in values.items():
+            if k in self.sums: a, c = self.sums[k]; self.sums[k] = (a + v, c + 1)
+        self.images += images
 
-    def heldout(self) -> ImageData | None:
-        "The dataset's test split (never trained on) for the memorisation check; None if it has none."
-        if not hasattr(self, '_heldout'):
-            try: self._heldout = build_data(self.cfg, split='test')
-            except SadmError: self._heldout = None
-            if self._heldout is not None and len(self._heldout) > 2000: self._heldout = self._heldout.subset(torch.arange(2000))
-        return self._heldout
+    def pause(self, seconds: float):
+        "Leave `seconds` (e.g. an evaluation) out of the window's throughput."
+        self.t0 += seconds
 
-    def evaluate(self) -> dict | None:
-        "FID of `eval.num_samples` generated images with the real-vs-real floor, plus the memorisation check."
-        if not (self.is_main and self.cfg.eval.enabled): return None
-        ev = self.evaluator()
-        t0 = time.time()
-        fake = self.sample_images(self.cfg.eval.num_samples, seed=4321, progress=False, ema=self.cfg.eval.use_ema)
-        res = ev(fake)
-        rec = {'kind': 'eval', 'step': self.step, 'fid': res['fid'], 'fid_floor': res['floor'],
-               'n_fake': res.get('n_fake'), 'n_ref': res.get('n_ref'), 'features': res.get('features'),
-               'features_version': res.get('version')}
-        held = self.heldout()
-        if held is not None:
-            from sadm_lab.metrics import memorization_report
-            mem = memorization_report(fake, self.data.images, held.images)
-            rec.update(nn_ratio=mem['nn_ratio'], copy_fraction=mem['copy_fraction'])
-        rec.update(seconds=round(time.time() - t0, 2), time=time.time())
-        self.run.append_metrics(rec)
-        for cb in self.callbacks: cb.on_eval(self, rec)
-        return rec
+    def means(self, reduce=None, device='cpu') -> dict:
+        "Mean of each key over the window's steps (and processes, with `reduce(tensor, reduction='sum')`)."
+        if not self.keys: return {}
+        t = torch.stack([torch.stack([torch.as_tensor(a, dtype=torch.float32, device=device).reshape(()),
+                                      torch.tensor(float(c), device=device)]) for a, c in self.sums.values()])
+        if reduce is not None: t = reduce(t, reduction='sum')
+        return {k: a / c for k, (a, c) in zip(self.keys, t.tolist()) if c > 0}
 
-    # -- the loop ----------------------------------------------------------------------------------------
-    def _due(self, every: int) -> bool:
-        return every > 0 and self.step % every == 0
+    def images_per_s(self) -> float | None:
+        dt = time.perf_counter() - self.t0
+        return self.images / dt if dt > 0 else None
 
-    def fit(self) -> 'Trainer':
-        "Train until `cfg.train.steps` (or `request_stop()`), with checkpoints, samples, evaluation and logs."
-        from tqdm.auto import tqdm
-        tc = self.cfg.train
-        if self.is_main and getattr(self, '_resumed_from', None):
-            self.run.truncate_metrics(self.step)   # records after the checkpoint are re-logged from here on
-            self.log_event('resume', checkpoint=self._resumed_from); self._resumed_from = None
-        if self.step == 0:
-            if self.is_main: self.run.truncate_metrics(0)   # a config-only folder (crashed before its first checkpoint)
-            self.log_event('start', processes=self.acc.num_processes, device=str(self.device))
-        for cb in self.callbacks if self.is_main else (): cb.on_train_begin(self)
-        bar = tqdm(total=tc.steps, initial=self.step, disable=not (self.progress and self.is_main),
-                   desc=self.cfg.name, unit='step', dynamic_ncols=True)
-        window_loss, window_n, t_last, imgs_since = 0.0, 0, time.perf_counter(), 0
-        win = {}                                   # SADM terms: key -> (sum, count) since the last log line
-        try:
-            while self.step < tc.steps and not self._stop:
-                if self.step == self.finetune_start: self.start_finetuning()
-                if self.sadm is not None and self.step == self.sadm.start_step > 0:
-                    self.log_event('stage', stage='sadm', weight=self.sadm.weight, warmup_steps=self.sadm.warmup_steps)
-                out = self.train_step()
-                if self.acc.num_processes > 1:   # callbacks run on the main process: every rank must agree to stop
-                    flag = torch.tensor(float(self._stop), device=self.device)
-                    self._stop = bool(self.acc.reduce(flag, reduction='sum') > 0)
-                imgs_since += tc.batch_size
-                window_loss += out['loss']; window_n += 1
-                for k in ('g_struct', 'd_obj', 'r1'):
-                    if k in out: a, c = win.get(k, (0.0, 0)); win[k] = (a + out[k], c + 1)
-                bar.update(1)
-                logs = None
-                if self._due(tc.log_every) or self.step == tc.steps:
-                    loss = self.acc.reduce(window_loss / window_n, reduction='mean').item()
-                    dt = time.perf_counter() - t_last
-                    logs = {'kind': 'train', 'step': self.step, 'loss': loss, 'lr': out['lr'],
-                            'mask_ratio': self.mask_ratio_at(self.step - 1),
-                            'grad_norm': float(out['grad_norm']), 'img_per_s': imgs_since / dt if dt > 0 else None,
-                            'epoch': round(self.stream.epoch(self.step), 3),
-                            'mem_mb': round(_peak_memory_mb(self.device), 1), 'time': time.time()}
-                    if self.sadm is not None and self.sadm.active(self.step - 1):
-                        logs['lambda'] = out.get('lambda')
-                        keys = ('g_struct', 'd_obj', 'r1')   # one reduction of fixed shape: every process takes part
-                        sums = torch.tensor([float(win.get(k, (0.0, 0))[i]) for k in keys for i in (0, 1)], device=self.device)
-                        sums = self.acc.reduce(sums, reduction='sum').view(-1, 2).tolist()
-                        logs.update({k: a / c for k, (a, c) in zip(keys, sums) if c > 0})
-                    if self.sadm is not None and self.is_main: logs.update(self.sadm_heldout_distance())   # before the term too
-                    window_loss, window_n, t_last, imgs_since = 0.0, 0, time.perf_counter(), 0
-                    win = {}
-                    if self.is_main:
-                        self.run.append_metrics(logs)
-                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{logs['img_per_s']:.0f}", refresh=False)
-                        for cb in self.callbacks: cb.on_log(self, logs)
-                if self.is_main and self.callbacks:      # every step: this process's values (the log lines hold window means)
-                    step_logs = logs or {'step': self.step, **{k: float(out[k]) for k in ('loss', 'lambda', 'g_struct', 'd_obj', 'r1')
-                                                                if k in out}}
-                    for cb in self.callbacks: cb.on_step_end(self, step_logs)
-                if self._stop or self.step == tc.steps or self._due(tc.ckpt_every): self.save_checkpoint()
-                if self._due(tc.sample_every) and self.step != tc.steps: self.save_samples()
-                if self._due(tc.eval_every) and self.step != tc.steps: self.evaluate()
-                self.acc.wait_for_everyone() if (self._due(tc.sample_every) or self._due(tc.eval_every)) else None
-            if self.step == tc.steps and not self._stop:
-                self.save_samples()
-                if self.cfg.eval.enabled: self.evaluate()
-                self.log_event('end')
-            elif self._stop:
-                self.log_event('stopped')
-        finally:
-            bar.close()
-        self.acc.wait_for_everyone()
-        for cb in self.callbacks if self.is_main else (): cb.on_train_end(self)
-        return self
+def _log_keys(self) -> list[str]:
+    "Every value the run's objectives may log (the same list on every process)."
+    return [k for o in self.objectives.values() for k in o.log_keys]
+
+def _log_line(self, window: LogWindow, last: dict) -> dict:
+    "The `train` record for the steps since the last one (see above); written and passed to callbacks by the main process."
+    step = self.step
+    logs = {'kind': 'train', 'step': step, **window.means(self.acc.reduce, self.device), 'lr': last['lr'],
+            'mask_ratio': last['mask_ratio'], 'grad_norm': float(last['grad_norm']),
+            'img_per_s': window.images_per_s(), 'epoch': round(self.stream.epoch(step), 3),
+            'mem_mb': round(peak_memory_mb(self.device), 1), 'time': time.time()}
+    window.reset()
+    if self.is_main:
+        stage = self.schedule.at(step - 1)
+        for o in self.objectives.values(): logs.update(o.metrics(self.unwrapped, step - 1, stage))
+        self.run.append_metrics(logs)
+        for cb in self.callbacks: cb.on_log(self, logs)
+    return logs
+
+def _log_event(self, event: str, **info):
+    if self.is_main: self.run.append_metrics({'kind': 'event', 'step': self.step, 'event': event, 'time': time.time(), **info})
+
+Trainer.log_keys, Trainer.log_line, Trainer.log_event = _log_keys, _log_line, _log_event
+
+# %% ../nbs/api/06_train.ipynb #5b3cfdb8
+def _sample_images(self, n: int, *, seed: int = 1234, progress: bool = False, ema: bool = True) -> torch.Tensor:
+    "`n` images from the EMA (or raw) model with the config's sampler; fixed seed so grids are comparable."
+    sc = self.cfg.sample
+    g = torch.Generator(device=self.device).manual_seed(seed)
+    with self.speed_flags():
+        return generate(self.sampling_model if ema else self.unwrapped, self.diffusion, n, sampler=sc.sampler,
+                        steps=sc.steps, eta=sc.eta, cfg_scale=sc.cfg_scale, batch_size=sc.batch_size, generator=g,
+                        device=self.device, progress=progress)
+
+def _save_samples(self) -> Path | None:
+    if not self.is_main: return None
+    imgs = self.sample_images(self.cfg.sample.grid_size)
+    k = self.sampling_model.num_classes   # class-conditional: labels cycle over classes, so one class per column
+    path = save_image_grid(imgs, self.run.samples_dir / f'step-{self.step:07d}.png', nrow=k if 0 < k <= len(imgs) else None)
+    for cb in self.callbacks: cb.on_samples(self, imgs, path)
+    return path
+
+def _evaluator(self):
+    "The FID evaluator for this run's data (built once; trains/loads the feature network if needed)."
+    if self._evaluator is None:
+        ec = self.cfg.eval
+        self._evaluator = make_evaluator(self.eval_data, features=ec.features, n=ec.num_samples, device=self.device)
+    return self._evaluator
+
+def _heldout_data(self) -> ImageData | None:
+    "The dataset's test split (never trained on; at most 2,000 images), or None if it has none."
+    try: held = build_data(self.cfg, split='test')
+    except SadmError: return None
+    return held.subset(torch.arange(2000)) if len(held) > 2000 else held
+
+def _evaluate(self) -> dict | None:
+    "FID of `eval.num_samples` generated images with the real-vs-real floor, plus the memorisation check."
+    if not (self.is_main and self.cfg.eval.enabled): return None
+    ev = self.evaluator()
+    t0 = time.time()
+    fake = self.sample_images(self.cfg.eval.num_samples, seed=4321, progress=False, ema=self.cfg.eval.use_ema)
+    res = ev(fake)
+    rec = {'kind': 'eval', 'step': self.step, 'fid': res['fid'], 'fid_floor': res['floor'], 'n_fake': res.get('n_fake'),
+           'n_ref': res.get('n_ref'), 'features': res.get('features'), 'features_version': res.get('version')}
+    if self.heldout_data is not None:
+        from sadm_lab.metrics import memorization_report
+        mem = memorization_report(fake, self.data.images, self.heldout_data.images)
+        rec.update(nn_ratio=mem['nn_ratio'], copy_fraction=mem['copy_fraction'])
+    rec.update(seconds=round(time.time() - t0, 2), time=time.time())
+    self.run.append_metrics(rec)
+    for cb in self.callbacks: cb.on_eval(self, rec)
+    return rec
+
+Trainer.sample_images, Trainer.save_samples, Trainer.evaluator = _sample_images, _save_samples, _evaluator
+Trainer.heldout_data, Trainer.evaluate = functools.cached_property(_heldout_data), _evaluate
+Trainer.heldout_data.__set_name__(Trainer, 'heldout_data')
+
+# %% ../nbs/api/06_train.ipynb #065b9f04
+def _log_start(self):
+    "A 'resume' event (records after the checkpoint are dropped: they are re-logged) or, at step 0, a 'start' event."
+    if self.resumed_at is not None:
+        if self.is_main: self.run.truncate_metrics(self.step)
+        self.log_event('resume', checkpoint=self.resumed_at)
+        self.resumed_at = None
+    if self.step == 0:
+        if self.is_main: self.run.truncate_metrics(0)       # a config-only folder (crashed before its first checkpoint)
+        self.log_event('start', processes=self.acc.num_processes, device=str(self.device))
+
+def _agree_to_stop(self) -> bool:
+    "Whether any process was asked to stop (callbacks run on the main process only; every rank must stop together)."
+    if self.acc.num_processes > 1:
+        flag = torch.tensor(float(self.stop_requested), device=self.device)
+        self.stop_requested = bool(self.acc.reduce(flag, reduction='sum') > 0)
+    return self.stop_requested
+
+def _due(self, every: int) -> bool: return every > 0 and self.step % every == 0
+
+def _fit(self) -> 'Trainer':
+    "Train until `cfg.train.steps` (or `request_stop()`), with checkpoints, samples, evaluation and logs."
+    from tqdm.auto import tqdm
+    tc, main_cbs = self.cfg.train, self.callbacks if self.is_main else []
+    self.log_start()
+    for cb in main_cbs: cb.on_train_begin(self)
+    bar = tqdm(total=tc.steps, initial=self.step, disable=not (self.progress and self.is_main), desc=self.cfg.name,
+               unit='step', dynamic_ncols=True)
+    window = LogWindow(self.log_keys())
+    try:
+        while self.step < tc.steps and not self.stop_requested:
+            values = self.train_step()
+            self.agree_to_stop()
+            window.add(values, images=tc.batch_size)
+            bar.update(1)
+            logs = self.log_line(window, values) if self.due(tc.log_every) or self.step == tc.steps else None
+            if logs is not None and self.is_main:
+                bar.set_postfix({k: f'{logs[k]:.4g}' for k in ('loss', 'img_per_s') if logs.get(k) is not None}, refresh=False)
+            for cb in main_cbs:
+                cb.on_step_end(self, logs or {'step': self.step, **{k: float(v) for k, v in values.items()}})
+            t0 = time.perf_counter()
+            if self.stop_requested or self.step == tc.steps or self.due(tc.ckpt_every): self.save_checkpoint()
+            if self.due(tc.sample_every) and self.step != tc.steps: self.save_samples()
+            if self.due(tc.eval_every) and self.step != tc.steps: self.evaluate()
+            if self.due(tc.sample_every) or self.due(tc.eval_every): self.acc.wait_for_everyone()
+            window.pause(time.perf_counter() - t0)
+        if self.step == tc.steps and not self.stop_requested:
+            self.save_samples()
+            if self.cfg.eval.enabled: self.evaluate()
+            self.log_event('end')
+        elif self.stop_requested: self.log_event('stopped')
+    finally: bar.close()
+    self.acc.wait_for_everyone()
+    for cb in main_cbs: cb.on_train_end(self)
+    return self
+
+Trainer.log_start, Trainer.agree_to_stop, Trainer.due, Trainer.fit = _log_start, _agree_to_stop, _due, _fit
+
+# %% ../nbs/api/06_train.ipynb #c2e823b1
+def training_clock(records: list[dict]) -> list[tuple[dict, float]]:
+    "(record, training seconds up to it) for every timed record of a run after its first 'start' event (see above)."
+    out, done, start, last, evals = [], 0.0, None, None, 0.0
+    for r in records:
+        if 'time' not in r: continue
+        if r.get('event') in ('start', 'resume'):
+            if start is not None: done += (last - start) - evals
+            start, last, evals = r['time'], r['time'], 0.0
+        elif start is None: continue
+        else:
+            last = r['time']
+            if r.get('kind') == 'eval': evals += r.get('seconds') or 0.0
+        out.append((r, done + (last - start) - evals))
+    return out
+
+def training_time(records: list[dict]) -> float:
+    "Total training seconds of a run's records (see `training_clock`); 0 for a run that never started."
+    clock = training_clock(records)
+    return clock[-1][1] if clock else 0.0
 
 # %% ../nbs/api/06_train.ipynb #084145b4
 def load_run(run_dir, *, checkpoint=None, weights: str = 'ema', device='cpu'):

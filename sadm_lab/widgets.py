@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/13_widgets.ipynb #57a9b8ae
 from __future__ import annotations
-import io, json, math, os, resource, sys, threading, time, warnings
+import io, json, math, threading, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,17 +12,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .core import ConfigError, SadmError, get_device
-from .metrics import MissingDependencyError
+from .core import ConfigError, SadmError, get_device, memory_now
+_all_ = ['memory_now']
+from .metrics import FEATURES, MissingDependencyError
 from .structure import AFFINITIES, affinity, structural_distance
-from .masking import STRATEGIES, Masker, token_grid, overlay_mask
+from .masking import STRATEGIES, Masker, token_grid, overlay_mask, token_view, patchify, unpatchify
 from .viz import make_grid
 from .train import Callback, RunDir
 
 # %% auto #0
 __all__ = ['SPACES', 'png_bytes', 'thumbnail', 'denoise_batch', 'FeatureSpace', 'knn_edges', 'affinity_distance', 'layout_pca',
            'layout_umap', 'align_layout', 'warm_up_umap', 'umap_ready', 'batch_structure', 'ManifoldExplorer',
-           'masked_prediction', 'MaskVisualiser', 'memory_now', 'MetricsTail', 'TrainingDashboard']
+           'masked_prediction', 'MaskVisualiser', 'MetricsTail', 'TrainingDashboard', 'memory_now']
 
 # %% ../nbs/api/13_widgets.ipynb #52bcdfdc
 def _lab():
@@ -49,7 +50,7 @@ def thumbnail(image: torch.Tensor, size: int = 96) -> bytes:
     return png_bytes(image[None], scale=max(1, size // max(image.shape[-2:])), pad=0)
 
 # %% ../nbs/api/13_widgets.ipynb #7aa69984
-SPACES = ('encoder', 'pixels', 'classifier', 'inception')
+SPACES = ('encoder', 'pixels') + FEATURES       # the feature spaces the explorer offers
 
 @torch.no_grad()
 def denoise_batch(model, diffusion, x0: torch.Tensor, t, *, y: torch.Tensor | None = None, seed: int = 0,
@@ -75,7 +76,7 @@ class FeatureSpace:
         if kind == 'encoder' and encoder is None:
             raise ConfigError("the 'encoder' space needs a structure encoder: a SADM run's checkpoint holds one "
                               "(sadm.enabled=true); choose 'pixels' or 'classifier' for other runs")
-        if kind in ('classifier', 'inception') and extractor is None:
+        if kind in FEATURES and extractor is None:
             raise ConfigError(f"the {kind!r} space needs its feature extractor (see `ManifoldExplorer.feature_space`)")
         self.kind, self.encoder, self.extractor = kind, encoder, extractor
 
@@ -275,26 +276,23 @@ class ManifoldExplorer:
     @classmethod
     def from_run(cls, run_dir, *, checkpoint=None, weights: str = 'ema', device='cpu', **kwargs) -> 'ManifoldExplorer':
         "An explorer of a run folder's model (EMA weights by default) with its structure encoder if it is a SADM run."
-        from sadm_lab.train import load_run
-        from sadm_lab.structure import StructureEncoder
+        from sadm_lab.train import load_run, load_weights
+        from sadm_lab.structure import build_structure_encoder
         from sadm_lab.core import safe_torch_load
         model, diffusion, cfg, data = load_run(run_dir, checkpoint=checkpoint, weights=weights, device=device)
         encoder = None
-        ck_path = Path(checkpoint) if checkpoint else RunDir(run_dir).latest_checkpoint()
-        ck = safe_torch_load(ck_path)
-        if isinstance(ck.get('sadm'), dict) and cfg.sadm.enabled:
-            sd = cfg.sadm
-            encoder = StructureEncoder(tuple(data.images.shape[1:]), dim=sd.encoder_dim, width=sd.encoder_width,
-                                       time_cond=sd.time_cond, spectral_norm=sd.spectral_norm)
-            encoder.load_state_dict(ck['sadm']['encoder'])
-            encoder.to(get_device(device)).eval()
-            kwargs.setdefault('affinity', sd.affinity); kwargs.setdefault('tau', sd.tau)
+        ck = safe_torch_load(Path(checkpoint) if checkpoint else RunDir(run_dir).latest_checkpoint())
+        state = (ck.get('objectives') or {}).get('sadm') or ck.get('sadm')      # (`sadm`: the earlier layout)
+        if isinstance(state, dict) and cfg.sadm.enabled:
+            encoder = build_structure_encoder(tuple(data.images.shape[1:]), cfg.sadm, device=get_device(device))
+            load_weights(encoder, state['encoder'], source=f"{run_dir} (structure encoder)").eval()
+            kwargs.setdefault('affinity', cfg.sadm.affinity); kwargs.setdefault('tau', cfg.sadm.tau)
         return cls(model, diffusion, data, encoder=encoder, **kwargs)
 
     # -- computing ------------------------------------------------------------------------------------
     def feature_space(self, kind: str) -> FeatureSpace:
         "The `FeatureSpace` for `kind`; classifier / Inception extractors are built once (classifier: cached on disk)."
-        if kind in ('classifier', 'inception') and kind not in self._extractors:
+        if kind in FEATURES and kind not in self._extractors:
             if kind == 'classifier':
                 from sadm_lab.metrics import classifier_features
                 d = self.data
@@ -475,9 +473,8 @@ class ManifoldExplorer:
 def masked_prediction(model, diffusion, x0: torch.Tensor, keep_idx: torch.Tensor, t, *, y=None, seed: int = 0,
                       fill: float = 0.0) -> torch.Tensor:
     "Images (B, C, H, W): the model's x̂0 of the visible patches (`keep_idx`) of `x0` noised to `t`; masked patches = `fill`."
-    from sadm_lab.models.layers import unpatchify
     net = getattr(model, 'module', model)
-    if not hasattr(net, 'patchify'): raise ConfigError(f"{type(net).__name__} cannot run on visible tokens (no patchify)")
+    if not hasattr(net, 'patch_size'): raise ConfigError(f"{type(net).__name__} cannot run on visible tokens (no patch grid)")
     B, C, H, W = x0.shape
     dev = next(net.parameters()).device
     t = torch.as_tensor(t, dtype=torch.long)
@@ -487,12 +484,12 @@ def masked_prediction(model, diffusion, x0: torch.Tensor, keep_idx: torch.Tensor
     net.eval()
     try:
         out = diffusion.training_losses(net, x0.to(dev), y=None if y is None else y.to(dev), t=t.to(dev),
-                                        noise=noise.to(dev), keep_idx=keep_idx.to(dev))
+                                        noise=noise.to(dev), view=token_view(net, keep_idx.to(dev)))
     finally: net.train(was)
     pred = out['pred_x0'].float().cpu()
     p = net.patch_size
     n = (H // p) * (W // p)
-    if pred.ndim == 4: pred = net.patchify(pred)        # mask ratio 0: the full image came back
+    if pred.ndim == 4: pred = patchify(pred, p)          # mask ratio 0: the full image came back
     if pred.shape[1] == n and keep_idx.shape[1] == n: tokens = pred
     else:
         tokens = torch.full((B, n, pred.shape[-1]), float(fill))
@@ -624,23 +621,6 @@ class MaskVisualiser:
         display(self.widget)
 
 # %% ../nbs/api/13_widgets.ipynb #6ed4c439
-def memory_now(device=None) -> dict:
-    """Memory now: on CUDA `gpu_mem_mb` (allocated), `gpu_peak_mb` and `gpu_util` (%, when pynvml is installed);
-    always `rss_mb`, this process's resident memory (Linux /proc, else the peak from getrusage)."""
-    out = {}
-    dev = torch.device(device) if device is not None else None
-    if dev is not None and dev.type == 'cuda' and torch.cuda.is_available():
-        out['gpu_mem_mb'] = torch.cuda.memory_allocated(dev) / 2**20
-        out['gpu_peak_mb'] = torch.cuda.max_memory_allocated(dev) / 2**20
-        try: out['gpu_util'] = float(torch.cuda.utilization(dev))
-        except Exception: pass                          # needs pynvml / NVML
-    try:
-        with open('/proc/self/statm') as f: out['rss_mb'] = int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
-    except (OSError, ValueError, AttributeError):
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out['rss_mb'] = r / (2**20 if sys.platform == 'darwin' else 2**10)
-    return out
-
 class MetricsTail:
     "Reads the records appended to a run's `metrics.jsonl` since the last call (a half-written last line waits)."
     def __init__(self, path):
@@ -765,12 +745,11 @@ class TrainingDashboard(Callback):
         self._t0, self._step0 = time.perf_counter(), trainer.step
         self.stop_button.disabled = False
         self._set_status(f"training {trainer.cfg.name} on {trainer.device} from step {trainer.step} of {self._total}")
-        self.mark_stages(trainer.cfg)
+        self.mark_stages(trainer.schedule)
 
-    def mark_stages(self, cfg):
+    def mark_stages(self, schedule):
         "Dotted lines on the loss panel where a run's stages start (MaskDM's switch to unmasked steps, SADM's start)."
-        from sadm_lab.demo import run_stages
-        self.stages = [(name, step) for name, step in run_stages(cfg) if step > 0]
+        self.stages = [(st.name, st.start) for st in schedule if st.start > 0]
         shapes = [dict(type='line', xref='x', yref='y domain', x0=step, x1=step, y0=0, y1=1,
                        line=dict(color='#888', dash='dot', width=1)) for _, step in self.stages]
         notes = [dict(xref='x', yref='y domain', x=step, y=1, text=name, showarrow=False, xanchor='left',
@@ -861,9 +840,7 @@ class TrainingDashboard(Callback):
         self._follow_stop.clear()
         tail = MetricsTail(run.metrics_path)
         self._set_status(f"following {run.path}")
-        if run.config_path.is_file():
-            from sadm_lab.config import load_config
-            self.mark_stages(load_config(run.config_path))
+        if run.config_path.is_file(): self.mark_stages(run.schedule())
         self.stop_button.disabled = True
         def poll():
             last_sample = None

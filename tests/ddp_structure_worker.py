@@ -56,5 +56,5 @@ cfg = get_config('smoke', ['train.steps=4', 'eval.enabled=false', 'train.sample_
                            'sample.steps=2', 'train.log_every=2', 'train.batch_size=8', 'sadm.enabled=true',
                            'sadm.global_batch=true', 'sadm.warmup_steps=0', 'sadm.heldout_size=8'])
 tr = Trainer(cfg, out / 'run', progress=False, accelerator=acc).fit()
-res.update(model=tr.unwrapped.state_dict(), encoder=tr._encoder.state_dict(), world=world)
+res.update(model=tr.unwrapped.state_dict(), encoder=tr.objectives['sadm'].encoder.state_dict(), world=world)
 torch.save(res, out / f'rank{rank}.pt')

@@ -55,7 +55,7 @@ def summarise(run_dir: Path) -> dict:
     objectives = ck.get('objectives') or {}
     sadm = objectives.get('sadm', ck.get('sadm'))
     if sadm: out['encoder'] = _sums(sadm['encoder'])
-    keys = ('loss', 'g_struct', 'd_obj', 'r1', 'lambda', 'mask_ratio', 'heldout_struct', 'heldout_struct_pixels')
+    keys = ('loss', 'mae', 'g_struct', 'd_obj', 'r1', 'lambda', 'mask_ratio', 'heldout_struct', 'heldout_struct_pixels')
     out['logs'] = [{k: r[k] for k in keys if r.get(k) is not None} | {'step': r['step']}
                    for r in RunDir(run_dir).read_metrics() if r.get('kind') == 'train']
     return out

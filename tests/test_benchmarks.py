@@ -1,5 +1,5 @@
 "The benchmark scripts' bookkeeping, end to end on seconds-long budgets (their results are not checked here)."
-import importlib.util, json
+import importlib.util, json, sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name):
+    "Import a benchmark script as a module, as `python benchmarks/<name>.py` would see it (benchmarks/ on sys.path)."
+    if str(ROOT / 'benchmarks') not in sys.path: sys.path.insert(0, str(ROOT / 'benchmarks'))
     spec = importlib.util.spec_from_file_location(name, ROOT / 'benchmarks' / f'{name}.py')
     mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
     return mod
@@ -81,8 +83,8 @@ def test_small_batch_control_matches_the_tokens_of_a_masked_step(tmp_path):
         eqc.main(args[:-1] + ['model.depth=2'])
 
 
-def test_training_times_add_up_sessions_and_leave_out_evaluations():
-    eqc = _load('maskdm_equal_compute')
+def test_training_time_adds_up_sessions_and_leaves_out_evaluations():
+    from sadm_lab.train import training_clock, training_time
     recs = [{'kind': 'event', 'event': 'start', 'step': 0, 'time': 100.0},
             {'kind': 'train', 'step': 10, 'time': 110.0},
             {'kind': 'eval', 'step': 10, 'seconds': 3.0, 'time': 114.0},
@@ -91,8 +93,33 @@ def test_training_times_add_up_sessions_and_leave_out_evaluations():
             {'kind': 'train', 'step': 30, 'time': 507.0},
             {'kind': 'eval', 'step': 30, 'seconds': 2.0, 'time': 510.0},
             {'kind': 'event', 'event': 'end', 'step': 30, 'time': 511.0}]
-    evals, total = eqc.training_times(recs)
-    assert [e['train_s'] for e in evals] == [11.0, 20.0 - 3.0 + 10.0 - 2.0] and total == 20.0 - 3.0 + 11.0 - 2.0
+    evals = [s for r, s in training_clock(recs) if r['kind'] == 'eval']
+    assert evals == [11.0, 20.0 - 3.0 + 10.0 - 2.0] and training_time(recs) == 20.0 - 3.0 + 11.0 - 2.0
+
+
+def test_step_timing_synchronises_and_interleaves(monkeypatch):
+    common = _load('_common')
+    calls = []
+    monkeypatch.setattr(common, 'sync', lambda device: calls.append('sync'))
+    arms = {n: (lambda n=n: calls.append(n)) for n in ('a', 'b', 'c')}
+    times = common.interleaved_times(arms, reps=3, steps=2, warmup=1, device='cpu')
+    assert {n: len(v) for n, v in times.items()} == {'a': 1 * 3, 'b': 3, 'c': 3}
+    order = [c for c in calls[3:] if c != 'sync']                    # after one warm-up step each
+    assert order == ['a', 'a', 'b', 'b', 'c', 'c', 'b', 'b', 'c', 'c', 'a', 'a', 'c', 'c', 'a', 'a', 'b', 'b']
+    blocks = calls[3:]
+    assert all(blocks[i] == 'sync' for i in range(0, len(blocks), 4)) and all(blocks[i] == 'sync' for i in range(3, len(blocks), 4))
+    assert common.paired_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == 3.0
+
+
+def test_no_benchmark_imports_another_benchmark():
+    import ast
+    scripts = {p.stem for p in (ROOT / 'benchmarks').glob('*.py')}
+    for p in (ROOT / 'benchmarks').glob('*.py'):
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            bad = [n for n in names if n.split('.')[0] in scripts - {'_common'}]
+            assert not bad, f"{p.name} imports the benchmark script(s) {bad}: share code through _common.py"
 
 
 def test_unknown_arm_is_refused(tmp_path):

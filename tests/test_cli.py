@@ -68,7 +68,9 @@ TINY_DEMO = ['train.steps=6', 'train.eval_every=2', 'train.sample_every=2', 'tra
 def test_demo_trains_its_stages_and_reports_them(tmp_path):
     r = cli('demo', '--no-progress', '--run-dir', tmp_path / 'd', *TINY_DEMO, 'mask.pretrain_steps=2')
     assert r.returncode == 0, r.stderr
-    assert '2 steps with 75% of the patches masked, then unmasked fine-tuning, SADM from step 5 to 6' in r.stdout
+    assert ('pre-training (steps 1-2: masked_dsm), then fine-tuning (steps 3-4: dsm), then SADM (steps 5-6: dsm + sadm)'
+            in r.stdout), r.stdout
+    assert 'step 2: pre-training done; fine-tuning from here (dsm)' in r.stdout
     cfg = json.loads((tmp_path / 'd' / 'config.json').read_text())
     assert cfg['mask']['strategy'] == 'patch' and cfg['mask']['pretrain_steps'] == 2 and cfg['sadm']['enabled']
     text = (tmp_path / 'd' / 'report.md').read_text()

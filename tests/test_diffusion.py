@@ -9,6 +9,7 @@ import torch.nn as nn
 from sadm_lab.core import ConfigError
 from sadm_lab.diffusion import (Diffusion, get_betas, linear_betas, cosine_betas, space_timesteps, respaced_betas,
                                 drop_labels)
+from sadm_lab.masking import token_view
 
 f64 = torch.float64
 
@@ -250,7 +251,8 @@ def test_masked_all_tokens_equals_unmasked_exactly(learn_sigma):
     x0 = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
     t, noise = d.sample_t(4, generator=g), torch.randn(x0.shape, generator=g)
     full = torch.arange(16).expand(4, 16)
-    a = d.training_losses(m, x0, t=t, noise=noise, keep_idx=full)
+    assert token_view(m, full) is None                  # every token kept: the ordinary call
+    a = d.training_losses(m, x0, t=t, noise=noise, view=token_view(m, full))
     b = d.training_losses(m, x0, t=t, noise=noise)
     assert torch.equal(a['loss'], b['loss']) and torch.equal(a['mse'], b['mse'])
     assert torch.equal(a['pred_x0'], b['pred_x0'])
@@ -265,7 +267,7 @@ def test_masked_loss_is_mean_over_visible_pixels(prediction, learn_sigma):
     x0 = torch.rand(4, 3, 8, 8, generator=g, dtype=f64) * 2 - 1
     t, noise = d.sample_t(4, generator=g), torch.randn(x0.shape, generator=g, dtype=f64)
     keep = random_keep(4, 16, 5, g)
-    out = d.training_losses(m, x0, t=t, noise=noise, keep_idx=keep)
+    out = d.training_losses(m, x0, t=t, noise=noise, view=token_view(m, keep))
     assert out['loss'].shape == (4,) and out['pred_x0'].shape == (4, 5, 12)
     # reference: full-image prediction (per-token model) and squared error averaged over pixels of kept patches
     xt = d.q_sample(x0, t, noise)
@@ -294,7 +296,7 @@ def test_masked_loss_ignores_masked_pixels():
     assert not torch.equal(x0, x0b)
     def loss_and_grad(x, n):
         m.zero_grad()
-        loss = d.training_losses(m, x, t=t, noise=n, keep_idx=keep)['loss']
+        loss = d.training_losses(m, x, t=t, noise=n, view=token_view(m, keep))['loss']
         loss.mean().backward()
         return loss.detach(), [p.grad.clone() for p in m.parameters()]
     la, ga = loss_and_grad(x0, noise)
@@ -320,9 +322,22 @@ def test_learned_sigma_uses_first_channels_only():
     t, noise = d.sample_t(2, generator=g), torch.randn(x0.shape, generator=g)
     keep = random_keep(2, 16, 6, g)
     for k in [None, keep]:
-        a = d.training_losses(m2, x0, t=t, noise=noise, keep_idx=k)['loss']
-        b = d.training_losses(m1, x0, t=t, noise=noise, keep_idx=k)['loss']
+        a = d.training_losses(m2, x0, t=t, noise=noise, view=None if k is None else token_view(m2, k))['loss']
+        b = d.training_losses(m1, x0, t=t, noise=noise, view=None if k is None else token_view(m1, k))['loss']
         torch.testing.assert_close(a, b)
+
+def test_a_network_that_returns_every_token_must_say_so():
+    "MaskDiT-like output (all N tokens for a keep_idx call) without `returns_all_tokens` is an error, not a guess."
+    class PatchOut(TokenLinear):
+        def forward(self, x, t, y=None, keep_idx=None): return self.patchify(super().forward(x, t, y))
+    g = torch.Generator().manual_seed(8)
+    d, keep = Diffusion(), random_keep(2, 16, 4, g)
+    x0 = torch.rand(2, 3, 8, 8, generator=g)
+    with pytest.raises(ConfigError, match='returns_all_tokens = True'):
+        d.training_losses(PatchOut(), x0, generator=g, view=token_view(PatchOut(), keep))
+    PatchOut.returns_all_tokens = True
+    out = d.training_losses(PatchOut(), x0, generator=g, view=token_view(PatchOut(), keep))
+    assert out['pred_x0'].shape == (2, 4, 12)
 
 def test_bad_model_output_channels():
     class Bad(nn.Module):

@@ -1,10 +1,12 @@
-"MaskDiT: shapes, adaLN-Zero, the all-token output with keep_idx, and the DSM + MAE loss of Diffusion.training_losses."
+"MaskDiT: shapes, adaLN-Zero, the all-token output with keep_idx, and its loss: masked DSM plus the MAE objective."
 import pytest
 import torch
 
 from sadm_lab.core import ConfigError
 from sadm_lab.diffusion import Diffusion
+from sadm_lab.masking import token_view
 from sadm_lab.models import MaskDiT, MaskDiT_models, MODELS, build_model, family_of
+from sadm_lab.objectives import DSM, MAETerm, MicroBatch, Objective, Stage, mae_loss, objective_step
 from sadm_lab.models.layers import flops_per_forward
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -125,6 +127,24 @@ def _mae_by_hand(m, xt, pred_all, keep):
     return (pred - tgt).pow(2).mean((1, 2))
 
 
+def masked(m, d, x0, keep, **kw):
+    "Masked DSM of `training_losses` through the view of `keep`, with MaskDiT's MAE per sample from the same pass."
+    v = token_view(m, keep)
+    out = d.training_losses(m, x0, view=v, **kw)
+    out['mae'] = mae_loss(v.hidden(out['output'], 3), v.dropped(out['x_t']))
+    return out
+
+
+class FixedView(Objective):
+    "Hides the same tokens in every micro-batch (a stand-in for MaskedDSM's random draw)."
+    name, masks = 'fixed', True
+    def __init__(self, view): self.fixed = view
+    def view(self, mb): return self.fixed
+
+
+STAGE = Stage('masked', 0, ('fixed', 'dsm', 'mae'), end=1, lr=1.0)
+
+
 @pytest.mark.parametrize('mae_weight', [0.0, 0.1])
 def test_loss_is_masked_dsm_plus_weighted_mae(mae_weight):
     m = randomize_(tiny()).eval()
@@ -132,20 +152,24 @@ def test_loss_is_masked_dsm_plus_weighted_mae(mae_weight):
     x0, y, t, noise = batch()
     keep = keep_of(3, 6)
     with torch.no_grad():
-        out = d.training_losses(m, x0, y=y, t=t, noise=noise, keep_idx=keep, mae_weight=mae_weight)
+        out = masked(m, d, x0, keep, y=y, t=t, noise=noise)
         dsm, xt = _masked_dsm_by_hand(m, d, x0, t, y, noise, keep)
         mae = _mae_by_hand(m, xt, m(xt.float(), t, y, keep_idx=keep), keep)
     torch.testing.assert_close(out['mse'].double(), dsm, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out['mae'].double(), mae, rtol=1e-5, atol=1e-7)
     assert out['pred_x0'].shape == (3, 6, 12)                             # per visible token, as for DiT
+    # the objectives of a masked MaskDiT stage: DSM on the visible tokens + weight x MAE, from one forward pass
+    objs = [FixedView(token_view(m, keep)), DSM()] + ([MAETerm(m, mae_weight)] if mae_weight else [])
+    with torch.no_grad():
+        loss, logs, o = objective_step(m, d, objs, MicroBatch(x0, y, torch.Generator().manual_seed(0), 0, STAGE))
+        mae = _mae_by_hand(m, o['x_t'], m(o['x_t'], o['t'], y, keep_idx=keep), keep).mean()
     if mae_weight == 0:
-        assert torch.equal(out['loss'], out['weight'] * out['mse'])     # exactly the DSM-only loss
+        assert 'mae' not in logs and torch.equal(loss, o['loss'].float().mean())   # exactly the DSM-only loss
     else:
-        torch.testing.assert_close(out['loss'], out['mse'] + mae_weight * out['mae'])
-    # DiT-style unmasked and all-token calls are untouched: no MAE term
-    full = d.training_losses(m, x0, y=y, t=t, noise=noise, keep_idx=torch.arange(N).expand(3, -1), mae_weight=mae_weight)
-    plain = d.training_losses(m, x0, y=y, t=t, noise=noise)
-    assert 'mae' not in full and torch.equal(full['loss'].detach(), plain['loss'].detach())
+        torch.testing.assert_close(logs['mae'].double(), mae, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(loss, logs['loss'] + mae_weight * logs['mae'])
+    # every token kept: the ordinary unmasked call, so no MAE term
+    assert token_view(m, torch.arange(N).expand(3, -1)) is None
 
 
 def test_changing_what_is_under_the_mask_moves_only_the_mae_term():
@@ -154,12 +178,12 @@ def test_changing_what_is_under_the_mask_moves_only_the_mae_term():
     x0, y, t, noise = batch()
     keep = keep_of(3, 6)
     vis = torch.zeros(3, N, dtype=torch.bool).scatter(1, keep, True)[..., None]
-    kw = dict(y=y, t=t, keep_idx=keep, mae_weight=0.1)
+    kw = dict(y=y, t=t)
     with torch.no_grad():
-        ref = d.training_losses(m, x0, noise=noise, **kw)
+        ref = masked(m, d, x0, keep, noise=noise, **kw)
         # new clean pixels under the mask: DSM identical (the encoder never sees them), MAE target = noisy input changes
         x_new = m.unpatchify(torch.where(vis, m.patchify(x0), torch.rand(3, N, 12) * 2 - 1))
-        new = d.training_losses(m, x_new, noise=noise, **kw)
+        new = masked(m, d, x_new, keep, noise=noise, **kw)
         assert torch.equal(new['mse'], ref['mse'])
         assert (new['mae'] - ref['mae']).abs().min() > 1e-4
         dsm, xt = _masked_dsm_by_hand(m, d, x_new, t, y, noise, keep)
@@ -167,38 +191,40 @@ def test_changing_what_is_under_the_mask_moves_only_the_mae_term():
                                    rtol=1e-5, atol=1e-7)
         # the target is the NOISY input: new noise under the mask moves the MAE term too, but not the DSM term
         n_new = m.unpatchify(torch.where(vis, m.patchify(noise), torch.randn(3, N, 12)))
-        nn_ = d.training_losses(m, x0, noise=n_new, **kw)
+        nn_ = masked(m, d, x0, keep, noise=n_new, **kw)
         assert torch.equal(nn_['mse'], ref['mse']) and (nn_['mae'] - ref['mae']).abs().min() > 1e-4
         # per-patch normalisation: shifting each masked patch of x0 by a constant leaves everything unchanged
         shift = torch.randn(3, N, 1)
         x_shift = m.unpatchify(torch.where(vis, m.patchify(x0), m.patchify(x0) + shift))
-        sh = d.training_losses(m, x_shift, noise=noise, **kw)
+        sh = masked(m, d, x_shift, keep, noise=noise, **kw)
         assert torch.equal(sh['mse'], ref['mse'])
         torch.testing.assert_close(sh['mae'], ref['mae'], rtol=1e-4, atol=1e-5)
         # and pixels of VISIBLE patches do move the DSM term
         x_vis = m.unpatchify(torch.where(vis, m.patchify(x0) + 0.5, m.patchify(x0)))
-        assert not torch.allclose(d.training_losses(m, x_vis, noise=noise, **kw)['mse'], ref['mse'])
+        assert not torch.allclose(masked(m, d, x_vis, keep, noise=noise, **kw)['mse'], ref['mse'])
 
 
 def test_gradients_reach_the_mask_token():
     m = randomize_(tiny())
     d = Diffusion()
     x0, y, t, noise = batch()
-    out = d.training_losses(m, x0, y=y, t=t, noise=noise, keep_idx=keep_of(3, 6), mae_weight=0.1)
+    out = masked(m, d, x0, keep_of(3, 6), y=y, t=t, noise=noise)
     out['mae'].mean().backward()
     assert m.mask_token.grad is not None and m.mask_token.grad.abs().sum() > 0
     assert m.blocks[0].attn.qkv.weight.grad.abs().sum() > 0              # through the decoder into the encoder
     assert m.decoder_pos_embed.grad is None and m.pos_embed.grad is None  # fixed sin-cos positions stay frozen
 
 
-def test_dit_with_mae_weight_is_an_error():
+def test_the_mae_term_needs_a_network_that_returns_every_token():
     from sadm_lab.models import DiT
     dit = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=4, num_classes=10)
-    x0, y, t, noise = batch()
-    with pytest.raises(ConfigError, match='returns every token'):
-        Diffusion().training_losses(dit, x0, y=y, t=t, noise=noise, keep_idx=keep_of(3, 6), mae_weight=0.1)
-    with pytest.raises(ConfigError, match='mae_weight'):
-        Diffusion().training_losses(dit, x0, y=y, t=t, noise=noise, mae_weight=-1.0)
+    assert DiT.returns_all_tokens is False and MaskDiT.returns_all_tokens is True     # explicit, not a shape test
+    with pytest.raises(ConfigError, match='returns every token'): MAETerm(dit, 0.1)
+    with pytest.raises(ConfigError, match='must be >= 0'): MAETerm(tiny(), -1.0)
+    with pytest.raises(ConfigError, match='returns_all_tokens'):
+        x0, y, t, noise = batch()
+        v = token_view(dit, keep_of(3, 6))
+        v.hidden(dit(x0, t, y, keep_idx=keep_of(3, 6)), 3)
 
 
 def test_a_few_adamw_steps_lower_the_loss_on_a_fixed_batch():
@@ -210,7 +236,8 @@ def test_a_few_adamw_steps_lower_the_loss_on_a_fixed_batch():
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     losses = []
     for _ in range(15):
-        loss = d.training_losses(m, x0, y=y, t=t, noise=noise, keep_idx=keep, mae_weight=0.1)['loss'].mean()
+        out = masked(m, d, x0, keep, y=y, t=t, noise=noise)
+        loss = (out['loss'] + 0.1 * out['mae']).mean()
         opt.zero_grad(); loss.backward(); opt.step()
         losses.append(loss.item())
     assert all(map(lambda v: v == v, losses)) and losses[-1] < 0.8 * losses[0], losses
@@ -224,5 +251,6 @@ def test_trainer_smoke_with_maskdit(tmp_path):
                                'model.preset=MaskDiT-T/2', 'mask.strategy=patch', 'mask.ratio=0.5', 'mask.mae_weight=0.1'])
     tr = Trainer(cfg, tmp_path / 'r', progress=False).fit()
     assert tr.step == 2 and type(tr.unwrapped) is MaskDiT
-    losses = [r['loss'] for r in RunDir(tmp_path / 'r').read_metrics() if r['kind'] == 'train']
-    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    recs = [r for r in RunDir(tmp_path / 'r').read_metrics() if r['kind'] == 'train']
+    assert len(recs) == 2 and all(torch.isfinite(torch.tensor([r['loss'] for r in recs])))
+    assert all(r['mae'] > 0 and r['mask_ratio'] == 0.5 for r in recs)        # the MAE term is logged on its own

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sadm_lab.core import ConfigError
-from sadm_lab.masking import (STRATEGIES, Masker, make_mask, visible_count, mask_to_keep_idx, keep_idx_to_mask,
+from sadm_lab.masking import (STRATEGIES, token_view, Masker, make_mask, visible_count, mask_to_keep_idx, keep_idx_to_mask,
                               token_grid, mask_ratio_schedule, mask_to_image, overlay_mask)
 
 GRIDS = [(4, 4), (8, 8), (16, 16), (8, 12), (6, 4)]
@@ -226,7 +226,8 @@ def tiny():
 def loss_and_grad(model, diff, x, kw, keep_idx=None):
     with torch.enable_grad():
         model.zero_grad()
-        loss = diff.training_losses(model, x, keep_idx=keep_idx, **kw)['loss']
+        view = None if keep_idx is None else token_view(model, keep_idx)
+        loss = diff.training_losses(model, x, view=view, **kw)['loss']
         loss.mean().backward()
     return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 

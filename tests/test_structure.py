@@ -6,6 +6,9 @@ import torch
 
 from sadm_lab.config import get_config
 from sadm_lab.core import CheckpointError, ConfigError
+from sadm_lab.diffusion import Diffusion
+from sadm_lab.objectives import MicroBatch, build_objectives, build_schedule
+from sadm_lab.structure import StructureGame
 from sadm_lab.train import Trainer, RunDir
 
 FAST = ['train.device=cpu', 'eval.enabled=false', 'train.sample_every=0', 'sample.grid_size=4', 'sample.steps=2',
@@ -31,13 +34,13 @@ def test_lambda_zero_is_plain_training_bit_for_bit(tmp_path):
     plain.fit()
     zero = Trainer(_cfg(*SADM, 'sadm.weight=0'), tmp_path / 'zero', progress=False)
     assert all(torch.equal(w_init[k], v) for k, v in _weights(zero).items())    # same initial denoiser
-    enc0 = {k: v.clone() for k, v in zero._encoder.state_dict().items()}
+    enc0 = {k: v.clone() for k, v in zero.objectives['sadm'].encoder.state_dict().items()}
     zero.fit()
     for k, v in _weights(plain).items(): assert torch.equal(v, zero.unwrapped.state_dict()[k]), k
     for k, v in plain.ema.state_dict().items(): assert torch.equal(v, zero.ema.state_dict()[k]), k
     assert [r['loss'] for r in _train_logs(tmp_path / 'plain')] == [r['loss'] for r in _train_logs(tmp_path / 'zero')]
     # ...while the discriminator did train and the structure terms were logged
-    assert any(not torch.equal(v, zero._encoder.state_dict()[k]) for k, v in enc0.items())
+    assert any(not torch.equal(v, zero.objectives['sadm'].encoder.state_dict()[k]) for k, v in enc0.items())
     last = _train_logs(tmp_path / 'zero')[-1]
     assert last['lambda'] == 0 and last['g_struct'] > 0 and last['d_obj'] > 0
     assert last['heldout_struct'] > 0 and last['heldout_struct_pixels'] > 0
@@ -51,10 +54,40 @@ def test_lambda_positive_moves_the_denoiser_and_the_encoder_learns(tmp_path):
     assert [r['lambda'] for r in logs] == [0.5, 1.0, 1.0, 1.0]      # λ of the last step logged at 2, 4, 6, 8: ramp over 4
     # the fixed random encoder ablation: d_steps=0 never changes the encoder
     fixed = Trainer(_cfg(*SADM, 'sadm.d_steps=0'), tmp_path / 'c', progress=False)
-    e0 = {k: v.clone() for k, v in fixed._encoder.state_dict().items()}
+    e0 = {k: v.clone() for k, v in fixed.objectives['sadm'].encoder.state_dict().items()}
     fixed.fit()
-    assert all(torch.equal(v, fixed._encoder.state_dict()[k]) for k, v in e0.items())
+    assert all(torch.equal(v, fixed.objectives['sadm'].encoder.state_dict()[k]) for k, v in e0.items())
     assert 'd_obj' not in _train_logs(tmp_path / 'c')[-1]
+
+
+def test_the_toy_and_the_trainer_play_the_same_game(monkeypatch):
+    """Same inputs, same updates: every call of the toy's `StructureGame.loss` is replayed, in order, on the game the
+    trainer builds (`build_objectives`) from the same `sadm.*` settings; both end every call with the same encoder,
+    optimiser state, generator term and logs."""
+    from sadm_lab import toy
+    calls, orig = [], StructureGame.loss
+    def record(self, mb, out):
+        term = orig(self, mb, out)
+        calls.append(dict(x0=mb.x0.clone(), step=mb.step, x0_hat=out['pred_x0'].detach().clone(), t=out['t'].clone(),
+                          loss=None if term.loss is None else term.loss.detach().clone(),
+                          logs={k: float(v) for k, v in term.logs.items()},
+                          encoder={k: v.clone() for k, v in self.encoder.state_dict().items()}))
+        return term
+    monkeypatch.setattr(StructureGame, 'loss', record)
+    sadm = {'warmup_steps': 3, 'd_steps': 2, 'r1_gamma': 0.1, 'start_step': 2, 'time_cond': True}
+    toy.train_toy('gaussians', steps=6, batch_size=32, lam=0.5, sadm=sadm, log_every=6)
+    assert [c['step'] for c in calls] == [2, 3, 4, 5]
+    monkeypatch.setattr(StructureGame, 'loss', orig)
+    settings = {**toy.TOY_SADM, **sadm, 'weight': 0.5, 'enabled': True}
+    cfg = get_config('smoke', ['train.steps=6', *(f'sadm.{k}={v}' for k, v in settings.items())])
+    schedule = build_schedule(cfg)
+    game = build_objectives(cfg, schedule, net=None, diffusion=Diffusion(schedule='cosine', timesteps=1000),
+                            sample_shape=(2,))['sadm']
+    for c in calls:
+        mb = MicroBatch(c['x0'], None, None, c['step'], schedule.at(c['step']))
+        term = game.loss(mb, {'pred_x0': c['x0_hat'].requires_grad_(), 't': c['t']})
+        assert torch.equal(term.loss.detach(), c['loss']) and {k: float(v) for k, v in term.logs.items()} == c['logs']
+        for k, v in game.encoder.state_dict().items(): assert torch.equal(v, c['encoder'][k]), (c['step'], k)
 
 
 def test_discriminator_widens_the_gap_it_is_trained_on(tmp_path):
@@ -72,7 +105,8 @@ def test_sadm_resume_is_exact(tmp_path):
     assert res.step == 4
     res.fit()
     for k, v in full.unwrapped.state_dict().items(): assert torch.equal(v, res.unwrapped.state_dict()[k]), k
-    for k, v in full._encoder.state_dict().items(): assert torch.equal(v, res._encoder.state_dict()[k]), k
+    for k, v in full.objectives['sadm'].encoder.state_dict().items():
+        assert torch.equal(v, res.objectives['sadm'].encoder.state_dict()[k]), k
     la, lb = _train_logs(tmp_path / 'full'), _train_logs(tmp_path / 'part')
     assert [(r['loss'], r['g_struct'], r['d_obj']) for r in la] == [(r['loss'], r['g_struct'], r['d_obj']) for r in lb]
 
@@ -89,7 +123,7 @@ def test_sadm_finetunes_from_a_plain_run_and_checks_what_it_loads(tmp_path):
     for k, v in base.unwrapped.state_dict().items(): assert torch.equal(v, ft2.unwrapped.state_dict()[k]), k
     # a checkpoint without discriminator state cannot be resumed as an SADM run
     ck = torch.load(RunDir(tmp_path / 'ft').latest_checkpoint(), weights_only=True)
-    ck['sadm'] = None
+    ck['objectives'] = {}
     torch.save(ck, tmp_path / 'bad.pt')
     with pytest.raises(CheckpointError, match='no structure discriminator state'):
         ft.load_checkpoint(tmp_path / 'bad.pt')

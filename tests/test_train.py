@@ -187,7 +187,7 @@ def test_masked_training_drops_tokens_before_the_transformer(tmp_path, monkeypat
     seen = []
     orig = D.Diffusion.training_losses
     def spy(self, model, x0, **kw):
-        seen.append(None if kw.get('keep_idx') is None else tuple(kw['keep_idx'].shape)); return orig(self, model, x0, **kw)
+        seen.append(None if kw.get('view') is None else tuple(kw['view'].keep_idx.shape)); return orig(self, model, x0, **kw)
     monkeypatch.setattr(D.Diffusion, 'training_losses', spy)
     Trainer(_cfg('train.steps=2', *mask), tmp_path / 'r', progress=False).fit()   # 8x8 digits, patch 2: 16 tokens
     visible = {'patch': 4, 'block': 8, 'crop': 4}[mask[0].split('=')[1]]
@@ -226,7 +226,9 @@ def test_two_stage_schedule_resumes_exactly_across_the_switch(tmp_path, stop_at)
 def test_mask_ratio_anneals_to_zero_at_the_switch(tmp_path):
     tr = Trainer(_cfg('train.steps=2', 'mask.strategy=patch', 'mask.ratio=0.8', 'mask.pretrain_steps=10',
                       'mask.anneal=linear'), tmp_path / 'r', progress=False)
-    assert [round(tr.mask_ratio_at(s), 6) for s in (0, 5, 10, 12)] == [0.8, 0.4, 0.0, 0.0]
+    masked, pre = tr.objectives['masked_dsm'], tr.schedule[0]
+    assert [round(masked.ratio_at(s, pre), 6) for s in (0, 5, 10)] == [0.8, 0.4, 0.0]
+    assert tr.schedule.at(9).objectives == ('masked_dsm',) and tr.schedule.at(10).objectives == ('dsm',)
 
 
 def test_init_from_another_run_and_a_plain_state_dict(tmp_path):

@@ -159,11 +159,11 @@ def test_mask_visualiser_counts_and_prediction(sadm_run):
     # the prediction on visible patches equals the model's visible-token forward pass, placed at the kept positions
     model, diff = mv.model, mv.diffusion
     keep = Masker('patch', (4, 4), ratio=0.5)(4, generator=torch.Generator().manual_seed(1))
-    from sadm_lab.masking import mask_to_keep_idx
+    from sadm_lab.masking import mask_to_keep_idx, token_view
     ki = mask_to_keep_idx(keep)
     x0 = mv.images[:4]
     pred = masked_prediction(model, diff, x0, ki, 50, y=mv.labels[:4], seed=2)
-    out = diff.training_losses(model, x0, y=mv.labels[:4], t=torch.full((4,), 50), keep_idx=ki,
+    out = diff.training_losses(model, x0, y=mv.labels[:4], t=torch.full((4,), 50), view=token_view(model, ki),
                                noise=torch.randn(x0.shape, generator=torch.Generator().manual_seed(2)))['pred_x0']
     tok = model.patchify(pred)
     for b in range(4):

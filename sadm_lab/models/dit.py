@@ -48,6 +48,7 @@ class FinalLayer(nn.Module):
 # %% ../../nbs/api/04b_models.dit.ipynb #57813745
 class DiT(nn.Module):
     "Diffusion Transformer (Peebles & Xie 2023) with adaLN-Zero blocks; `forward(x, t, y=None, keep_idx=None)`."
+    returns_all_tokens = False              # a keep_idx call returns the kept tokens only (`masking.TokenView`)
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, learn_sigma: bool = True):

@@ -43,6 +43,7 @@ def scatter_tokens(x: torch.Tensor, keep_idx: torch.Tensor, fill: torch.Tensor, 
 # %% ../../nbs/api/04d_models.maskdit.ipynb #203d4871
 class MaskDiT(DiT):
     "MaskDiT (Zheng et al. 2023): DiT encoder on visible tokens + mask token + light adaLN-Zero decoder over all tokens; `forward(x, t, y=None, keep_idx=None)`."
+    returns_all_tokens = True               # a keep_idx call returns every token (see `sadm_lab.masking.TokenView`)
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, learn_sigma: bool = True, *, decoder_depth: int = 8,

@@ -34,6 +34,7 @@ class UViTBlock(nn.Module):
 # %% ../../nbs/api/04c_models.uvit.ipynb #c36cdc2c
 class UViT(nn.Module):
     "U-ViT (Bao et al. 2023) as used by MaskDM (Lei et al. 2023); `forward(x, t, y=None, keep_idx=None)`."
+    returns_all_tokens = False              # a keep_idx call returns the kept tokens only (`masking.TokenView`)
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 3, hidden_size: int = 512,
                  depth: int = 13, num_heads: int = 8, mlp_ratio: float = 4.0, num_classes: int = 0,
                  learn_sigma: bool = False, *, qkv_bias: bool = False, mlp_time_embed: bool = False,
