@@ -13,7 +13,7 @@ from torch import nn
 
 from .core import (SadmError, ConfigError, CheckpointError, atomic_torch_save, atomic_write_json,
                            atomic_write_text, safe_torch_load, get_device, peak_memory_mb, seeded, check_choice)
-from .config import RunConfig, load_config, check_resumable, validate, from_dict, config_diff
+from .config import WEIGHTS, RunConfig, load_config, check_resumable, validate, from_dict, config_diff
 from .data import load_data, ImageData
 from .diffusion import Diffusion, drop_labels
 from .models import MODELS, build_model, family_of
@@ -25,9 +25,9 @@ from .viz import save_image_grid
 
 # %% auto #0
 __all__ = ['build_data', 'build_reference_data', 'build_network', 'build_diffusion', 'EMA', 'BatchStream', 'step_generator',
-           'Callback', 'RunDir', 'check_state_dict', 'load_weights', 'read_weights', 'make_evaluator',
-           'check_eval_settings', 'make_accelerator', 'Trainer', 'LogWindow', 'training_clock', 'training_time',
-           'load_run', 'lr_at']
+           'Callback', 'RunDir', 'check_state_dict', 'load_weights', 'checkpoint_weights', 'read_weights',
+           'make_evaluator', 'check_eval_settings', 'make_accelerator', 'Trainer', 'LogWindow', 'training_clock',
+           'training_time', 'load_run', 'lr_at']
 
 # %% ../nbs/api/06_train.ipynb #5cae7f52
 def build_data(cfg: RunConfig, split: str = 'train') -> ImageData:
@@ -209,6 +209,13 @@ def load_weights(model: nn.Module, sd: dict, source: str = 'checkpoint') -> nn.M
     model.load_state_dict(sd)
     return model
 
+def checkpoint_weights(ck: dict, weights: str = 'model') -> dict:
+    "The network state dict of a sadm_lab checkpoint: its 'model' or 'ema' weights (the raw ones if it has no EMA)."
+    check_choice('weights', weights, WEIGHTS)
+    if weights == 'ema' and ck.get('ema') is not None:
+        return {k[len('model.'):]: v for k, v in ck['ema'].items() if k.startswith('model.')}
+    return ck['model']
+
 def read_weights(path, *, weights: str = 'model') -> dict:
     """A network state dict from a run folder (its latest checkpoint), a sadm_lab checkpoint ('model' or 'ema'
     weights), an official DiT release file (a plain state dict) or a DiT training checkpoint ({'model', 'ema', ...})."""
@@ -219,10 +226,7 @@ def read_weights(path, *, weights: str = 'model') -> dict:
         path = ck_path
     ck = safe_torch_load(path)
     if not isinstance(ck, dict): raise CheckpointError(f"{path} holds a {type(ck).__name__}, not a state dict")
-    if ck.get('format') == 'sadm_lab-ckpt-1':
-        if weights == 'ema' and ck.get('ema') is not None:
-            return {k[len('model.'):]: v for k, v in ck['ema'].items() if k.startswith('model.')}
-        return ck['model']
+    if ck.get('format') == 'sadm_lab-ckpt-1': return checkpoint_weights(ck, weights)
     if all(torch.is_tensor(v) for v in ck.values()): return ck                 # plain state dict (official DiT files)
     key = weights if weights in ck else ('model' if 'model' in ck else None)
     if key is not None and isinstance(ck[key], dict): return ck[key]
@@ -679,9 +683,5 @@ def load_run(run_dir, *, checkpoint=None, weights: str = 'ema', device='cpu'):
                               + '; '.join(f"{k}: checkpoint {a!r}, run {b!r}" for k, (a, b) in diff.items()))
     data = build_data(cfg)
     model = build_network(cfg, data)
-    if weights == 'ema' and ck.get('ema') is not None:
-        sd = {k[len('model.'):]: v for k, v in ck['ema'].items() if k.startswith('model.')}
-    elif weights in ('ema', 'model'): sd = ck['model']
-    else: raise ConfigError(f"weights must be 'ema' or 'model', got {weights!r}")
-    load_weights(model, sd, source=str(path))
+    load_weights(model, checkpoint_weights(ck, weights), source=str(path))
     return model.to(get_device(device)).eval(), build_diffusion(cfg), cfg, data

@@ -88,3 +88,54 @@ def test_ci_runs_the_readme_test_command():
     cmds = re.findall(r'^(bash dev\.sh \w+)', readme, re.M)
     assert 'bash dev.sh test' in cmds and 'bash dev.sh demo' in cmds, cmds
     assert re.search(r'^bash dev\.sh test\s*$', ci, re.M)
+
+
+def _literal_string_tuples(path: Path):
+    "Every tuple/list literal of two or more string (or None/int) constants in a module, with its line."
+    import ast
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.Tuple, ast.List)) and len(node.elts) >= 2 and \
+                all(isinstance(e, ast.Constant) for e in node.elts):
+            yield tuple(e.value for e in node.elts), node.lineno
+
+
+def test_every_set_of_choices_is_defined_once():
+    """Each enumerated config key's values come from one definition: CHOICES holds the implementing module's own
+    object, the CLI offers exactly those values, and no module of the library spells the same set out again."""
+    from sadm_lab import config, data, diffusion, masking, metrics, objectives, sample, structure, widgets
+    from sadm_lab.cli import _parser
+    owners = {'data.name': tuple(data.DATASETS), 'diffusion.schedule': diffusion.SCHEDULES,
+              'diffusion.prediction': diffusion.PREDICTIONS, 'diffusion.loss_weighting': diffusion.LOSS_WEIGHTINGS,
+              'mask.anneal': masking.ANNEALS, 'train.lr_schedule': objectives.LR_SCHEDULES,
+              'sample.sampler': tuple(sample.SAMPLERS), 'eval.features': metrics.FEATURES,
+              'sadm.omega': structure.OMEGAS, 'sadm.affinity': structure.AFFINITIES, 'sadm.p': structure.P_NORMS}
+    for key, values in owners.items(): assert config.CHOICES[key] == values, key
+    assert config.CHOICES['mask.strategy'] == ('none',) + masking.STRATEGIES
+    assert set(widgets.SPACES) == {'encoder', 'pixels', *metrics.FEATURES}
+    # the CLI's choices= are the same values
+    sub = {a.dest: a for a in _parser()._subparsers._group_actions[0].choices['sample']._actions}
+    assert tuple(sub['sampler'].choices) == config.CHOICES['sample.sampler'] and tuple(sub['weights'].choices) == config.WEIGHTS
+    ev = {a.dest: a for a in _parser()._subparsers._group_actions[0].choices['eval']._actions}
+    assert tuple(ev['features'].choices) == metrics.FEATURES
+    # nobody writes a set of choices out a second time (a literal of the same values, in any order)
+    sets = {key: frozenset(v) for key, v in config.CHOICES.items() if len(v) >= 2 and all(isinstance(x, str) for x in v)}
+    hits = {}
+    for p in GENERATED:
+        for values, line in _literal_string_tuples(p):
+            for key, want in sets.items():
+                if frozenset(values) == want: hits.setdefault(key, []).append(f"{p.relative_to(ROOT)}:{line}")
+    dup = {k: v for k, v in hits.items() if len(v) > 1}
+    assert not dup, f"value lists written out more than once: {dup}"
+
+
+def test_the_diffusion_process_imports_no_network():
+    "diffusion.py depends on core only: it calls whatever model it is given and never imports models or masks."
+    import ast
+    tree = ast.parse((PKG / 'diffusion.py').read_text())
+    mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+           {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in mods if m and ('models' in m or 'masking' in m)}, mods
+    r = subprocess.run([sys.executable, '-c', "import sys, sadm_lab.diffusion; "
+                        "print(sorted(m for m in sys.modules if m.startswith('sadm_lab.')))"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.strip() == "['sadm_lab.core', 'sadm_lab.diffusion']", r.stdout + r.stderr

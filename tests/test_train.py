@@ -276,3 +276,50 @@ def test_resume_with_fewer_steps_than_done_is_refused(tmp_path):
     Trainer(_cfg('train.steps=4'), tmp_path / 'r', progress=False).fit()
     with pytest.raises(ConfigError, match='beyond train.steps=2'):
         Trainer(_cfg('train.steps=2'), tmp_path / 'r', resume=True, progress=False)
+
+
+def test_building_and_training_leave_the_callers_rng_and_flags_alone(tmp_path):
+    torch.manual_seed(123)
+    state, flags = torch.random.get_rng_state(), (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    tr = Trainer(_cfg('train.steps=2', 'sadm.enabled=true', 'train.tf32=true'), tmp_path / 'r', progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)              # no reseeding behind the caller's back
+    tr.fit()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    Trainer(_cfg('train.steps=4', 'sadm.enabled=true', 'train.tf32=true'), tmp_path / 'r', resume=True, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)              # nor on resume
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
+    # the initial weights still depend on train.seed only
+    a = Trainer(_cfg('train.steps=1'), tmp_path / 'a', progress=False)
+    torch.manual_seed(999)
+    b = Trainer(_cfg('train.steps=1'), tmp_path / 'b', progress=False)
+    for k, v in a.unwrapped.state_dict().items(): assert torch.equal(v, b.unwrapped.state_dict()[k]), k
+
+
+def test_a_hand_written_schedule_trains_resumes_and_reports(tmp_path):
+    "SADM for a window of steps, then plain again: an order the config alone cannot express."
+    from sadm_lab.demo import write_report, stage_table
+    from sadm_lab.objectives import Schedule, Stage
+    cfg = _cfg('train.steps=8', 'sadm.enabled=true', 'sadm.warmup_steps=0', 'sadm.heldout_size=0')
+    window = Schedule([Stage('plain', 0, ('dsm',), lr=1e-3, warmup_steps=2), Stage('SADM', 2, ('dsm', 'sadm')),
+                       Stage('plain again', 6, ('dsm',))], 8)
+    full = Trainer(cfg, tmp_path / 'full', schedule=window, progress=False).fit()
+    Trainer(_cfg('train.steps=4', 'sadm.enabled=true', 'sadm.warmup_steps=0', 'sadm.heldout_size=0'), tmp_path / 'part',
+            schedule=Schedule(window.stages, 4), progress=False).fit()
+    part = Trainer(cfg, tmp_path / 'part', resume=True, progress=False)       # the folder's schedule.json is used
+    assert part.schedule == window
+    part.fit()
+    for k, v in full.unwrapped.state_dict().items(): assert torch.equal(v, part.unwrapped.state_dict()[k]), k
+    logs = [r for r in RunDir(tmp_path / 'full').read_metrics() if r['kind'] == 'train']
+    assert ['g_struct' in r for r in logs] == [False, True, True, False]      # logged at 2, 4, 6, 8
+    assert [r['lambda'] for r in logs if 'lambda' in r] == [0.01, 0.01]
+    events = [r for r in RunDir(tmp_path / 'full').read_metrics() if r.get('event') == 'stage']
+    assert [(e['step'], e['stage'], e['objectives']) for e in events] == [(2, 'SADM', ['dsm', 'sadm']),
+                                                                          (6, 'plain again', ['dsm'])]
+    assert [r['stage'] for r in stage_table(RunDir(tmp_path / 'full').read_metrics(), RunDir(tmp_path / 'full').schedule())] \
+        == ['plain', 'SADM', 'plain again']
+    assert '- **plain again**, steps 7–8: dsm.' in write_report(tmp_path / 'full').read_text()
+    with pytest.raises(ConfigError, match='another schedule'):
+        Trainer(cfg, tmp_path / 'part', resume=True, schedule=Schedule(window.stages[:2], 8), progress=False)
+    with pytest.raises(ConfigError, match='sadm.enabled'):                   # a stage needs what the config enables
+        Trainer(_cfg('train.steps=8'), tmp_path / 'x', schedule=window, progress=False)
+    assert not (tmp_path / 'x').exists()
