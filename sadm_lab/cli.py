@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument('preset', nargs='?', default='digits-dit', help=f"one of: {', '.join(PRESETS)} (default digits-dit)")
     t.add_argument('overrides', nargs='*', metavar='key=value', help='config overrides (see below)')
     t.add_argument('--run-dir', help='run folder (default runs/<name>)')
-    t.add_argument('--resume', action='store_true', help='continue the run in --run-dir (only RESUMABLE keys may change)')
+    t.add_argument('--resume', action='store_true',
+                   help='continue the run in --run-dir (only RESUMABLE keys may change)')
     t.add_argument('--no-progress', action='store_true', help='no progress bar')
     t.add_argument('--dry-run', action='store_true', help='print the resolved config and exit')
 
@@ -43,18 +44,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument('--out', help='PNG path (default <run>/samples/cli-<sampler>-<steps>.png)')
     s.add_argument('--sampler', choices=CHOICES['sample.sampler'], help="default: the run's sample.sampler")
     s.add_argument('--steps', type=int, help="sampling steps (default: the run's sample.steps)")
-    s.add_argument('--eta', type=float, help='DDIM eta'); s.add_argument('--cfg-scale', type=float, help='guidance scale')
+    s.add_argument('--eta', type=float, help='DDIM eta'); s.add_argument('--cfg-scale', type=float,
+                                                                         help='guidance scale')
     s.add_argument('--labels', help='comma-separated class labels (cycled); default: balanced over classes')
     s.add_argument('--seed', type=int, default=0); s.add_argument('--checkpoint', help='a checkpoint file of the run')
     s.add_argument('--weights', choices=WEIGHTS, default='ema'); s.add_argument('--device', default='auto')
     s.add_argument('--save-tensor', help='also save the images as a .pt tensor file')
 
     e = sub.add_parser('eval', help="FID of a run's samples beside the real-vs-real floor",
-                       description="Generate samples from a run and report FID with the real-vs-real floor of the same protocol.")
+                       description="Generate samples from a run and report FID with the real-vs-real floor of the same "
+                                   "protocol.")
     e.add_argument('run_dir'); e.add_argument('-n', type=int, help="samples (default: the run's eval.num_samples)")
     e.add_argument('--features', choices=CHOICES['eval.features'], help="feature network (default: the run's)")
     e.add_argument('--sampler', choices=CHOICES['sample.sampler']); e.add_argument('--steps', type=int)
-    e.add_argument('--seed', type=int, default=0); e.add_argument('--checkpoint'); e.add_argument('--device', default='auto')
+    e.add_argument('--seed', type=int, default=0); e.add_argument('--checkpoint'); e.add_argument('--device',
+                                                                                                  default='auto')
     e.add_argument('--json', action='store_true', help='print the result as JSON')
 
     d = sub.add_parser('demo', help='the main job: masked pre-training, fine-tuning and SADM fine-tuning of a tiny DiT '
@@ -63,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                        "unmasked fine-tuning steps, then 500 steps of SADM's structure-guided adversarial fine-tuning) "
                        "with FID during training, then write report.md (the stages compared, sample grids, loss and "
                        "FID curves) into the run folder.")
-    d.add_argument('--run-dir', default='runs/demo'); d.add_argument('--fast', action='store_true', help='a ~1 minute version')
+    d.add_argument('--run-dir', default='runs/demo'); d.add_argument('--fast', action='store_true',
+                                                                     help='a ~1 minute version')
     d.add_argument('--unmasked', action='store_true', help='start from the plain digits-dit preset (no masked stage)')
     d.add_argument('--no-sadm', action='store_true', help='leave out the SADM stage')
     d.add_argument('--resume', action='store_true', help='continue an interrupted demo run')

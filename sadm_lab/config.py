@@ -57,12 +57,14 @@ class DiffusionConfig:
 @dataclass
 class MaskConfig:
     strategy: str = 'none'               # MaskDM token masking: 'none' (plain training), 'patch', 'block' or 'crop'
-    ratio: float = 0.0                   # fraction of patch tokens masked ('patch', 'block'; 'crop' derives it from crop_size)
+    # fraction of patch tokens masked ('patch', 'block'; 'crop' derives it from crop_size)
+    ratio: float = 0.0
     block_size: int = 4                  # 'block': side of the square blocks, in patches
     crop_size: Optional[int] = None      # 'crop': side of the one visible window, in patches
     pretrain_steps: int = 0              # two stages: masked pre-training for this many steps, then unmasked
                                          # fine-tuning to train.steps (0 = mask every step)
-    anneal: str = 'none'                 # 'none', 'linear' or 'cosine': ratio -> 0 over pretrain_steps (workbench option)
+    # 'none', 'linear' or 'cosine': ratio -> 0 over pretrain_steps (workbench option)
+    anneal: str = 'none'
     finetune_lr: Optional[float] = None  # fine-tuning learning rate (None = train.lr)
     finetune_warmup_steps: int = 0       # linear warm-up after the switch to fine-tuning
     reset_optimizer: bool = True         # fresh AdamW state when fine-tuning starts (as a separate fine-tuning run has)
@@ -77,7 +79,8 @@ class SadmConfig:
                                          # the denoiser's updates stay plain denoising training, bit for bit)
     warmup_steps: int = 100              # lambda ramps linearly from 0 over these steps after start_step
     start_step: int = 0                  # the term starts here (after masked pre-training, or later in a run)
-    omega: str = 'constant'              # omega(t) for t < t_max*T: 'constant' 1, 'snr' SNR/(1+SNR), 'dsm' the denoising
+    # omega(t) for t < t_max*T: 'constant' 1, 'snr' SNR/(1+SNR), 'dsm' the denoising
+    omega: str = 'constant'
                                          # loss's x0-space weight capped at omega_cap (divided by it)
     t_max: float = 0.5                   # the term only sees predictions at t < t_max*T (high-noise x0-hat is a blur)
     omega_cap: float = 5.0               # cap of omega='dsm'
@@ -114,7 +117,8 @@ class TrainConfig:
     tf32: bool = False                   # allow TF32 matmuls on Ampere+ GPUs
     compile: bool = False                # torch.compile the model
     seed: int = 0                        # seeds init, data order, noise and timesteps
-    init_from: Optional[str] = None      # initialise the weights from a run folder or checkpoint (fine-tuning, transfer)
+    # initialise the weights from a run folder or checkpoint (fine-tuning, transfer)
+    init_from: Optional[str] = None
     init_weights: str = 'model'          # which weights of a sadm_lab checkpoint: 'model' (MaskDM's choice) or 'ema'
     device: str = 'auto'                 # 'auto', 'cpu', 'cuda' (ignored under accelerate launch)
     log_every: int = 10                  # steps between metrics.jsonl lines
@@ -173,7 +177,8 @@ _POSITIVE = ('diffusion.timesteps', 'diffusion.min_snr_gamma', 'train.steps', 't
              'mask.crop_size', 'mask.finetune_lr', 'sadm.tau', 'sadm.omega_cap', 'sadm.x0_clip', 'sadm.d_lr',
              'sadm.encoder_dim', 'sadm.encoder_width', 'sadm.d_every')
 _NON_NEGATIVE = ('train.lr', 'train.warmup_steps', 'train.weight_decay', 'train.grad_clip', 'train.sample_every',
-                 'train.eval_every', 'sample.eta', 'mask.pretrain_steps', 'mask.finetune_warmup_steps', 'mask.mae_weight',
+                 'train.eval_every', 'sample.eta', 'mask.pretrain_steps', 'mask.finetune_warmup_steps',
+                 'mask.mae_weight',
                  'sadm.weight', 'sadm.warmup_steps', 'sadm.start_step', 'sadm.r1_gamma', 'sadm.d_steps',
                  'sadm.heldout_size')
 RANGES = {**{k: '> 0' for k in _POSITIVE}, **{k: '>= 0' for k in _NON_NEGATIVE},
@@ -193,15 +198,18 @@ def _cross_key_problems(cfg: RunConfig):
         yield f"train.batch_size={tc.batch_size} must be divisible by train.grad_accum={tc.grad_accum}"
     if cfg.sample.steps > cfg.diffusion.timesteps:
         yield f"sample.steps={cfg.sample.steps} cannot exceed diffusion.timesteps={cfg.diffusion.timesteps}"
-    if cfg.data.name == 'folder' and not cfg.data.root: yield "data.name='folder' needs data.root=<path to an image folder>"
+    if cfg.data.name == 'folder' and not cfg.data.root:
+        yield "data.name='folder' needs data.root=<path to an image folder>"
     if mc.strategy in ('patch', 'block') and mc.ratio == 0:
         yield f"mask.strategy={mc.strategy!r} needs mask.ratio > 0 (or mask.strategy=none)"
     if mc.strategy == 'crop' and not mc.crop_size:
         yield "mask.strategy='crop' needs mask.crop_size=<side of the visible window, in patches>"
     if mc.anneal != 'none' and mc.strategy not in ('patch', 'block'):
         yield f"mask.anneal={mc.anneal!r} needs mask.strategy 'patch' or 'block'"
-    if mc.anneal != 'none' and mc.pretrain_steps == 0: yield "mask.anneal needs mask.pretrain_steps > 0 (the ratio reaches 0 there)"
-    if mc.pretrain_steps and mc.strategy == 'none': yield "mask.pretrain_steps > 0 needs a mask.strategy other than 'none'"
+    if mc.anneal != 'none' and mc.pretrain_steps == 0:
+        yield "mask.anneal needs mask.pretrain_steps > 0 (the ratio reaches 0 there)"
+    if mc.pretrain_steps and mc.strategy == 'none':
+        yield "mask.pretrain_steps > 0 needs a mask.strategy other than 'none'"
     if cfg.sample.cfg_scale != 1 and m.class_dropout_prob == 0:
         yield (f"sample.cfg_scale={cfg.sample.cfg_scale} needs a model trained with label dropout "
                "(model.class_dropout_prob > 0) to have a null class")
@@ -217,7 +225,8 @@ def _cross_key_problems(cfg: RunConfig):
     if sd.heldout_size == 1: yield "sadm.heldout_size=1: a structure needs at least 2 images (0 = off)"
     if sd.enabled and mc.strategy != 'none' and not (mc.pretrain_steps and sd.start_step >= mc.pretrain_steps):
         yield (f"sadm.enabled with mask.strategy={mc.strategy!r}: the structure term needs whole-image predictions, "
-               "so start it after masked pre-training (mask.pretrain_steps > 0 and sadm.start_step >= mask.pretrain_steps)")
+               "so start it after masked pre-training (mask.pretrain_steps > 0 and sadm.start_step >= "
+               "mask.pretrain_steps)")
     if sd.enabled and sd.start_step >= tc.steps:
         yield f"sadm.start_step={sd.start_step} is not before train.steps={tc.steps}: the term would never run"
 
@@ -338,7 +347,8 @@ def flatten(cfg: RunConfig) -> dict:
 # %% ../nbs/api/01_config.ipynb #d96615ed
 PRESETS: dict[str, dict] = {
     'digits-dit': {  # the CPU default: a tiny DiT on sklearn's 8x8 digits, about 10 minutes on 2 cores
-        'name': 'digits-dit', 'model.preset': 'DiT-T/2', 'train.steps': 1500, 'train.lr': 1e-3, 'train.ema_decay': 0.995,
+        'name': 'digits-dit', 'model.preset': 'DiT-T/2', 'train.steps': 1500, 'train.lr': 1e-3,
+        'train.ema_decay': 0.995,
         'train.ckpt_every': 500, 'train.sample_every': 500, 'train.eval_every': 500,
         'sample.sampler': 'dpmpp_2m', 'sample.steps': 20, 'sample.grid_size': 100},
     'digits-uvit': {'name': 'digits-uvit', 'model.preset': 'UViT-T/2', 'train.steps': 1500, 'train.ema_decay': 0.995,
@@ -346,13 +356,15 @@ PRESETS: dict[str, dict] = {
         'sample.sampler': 'dpmpp_2m', 'sample.steps': 20, 'sample.grid_size': 100},
     'digits-maskdm': {  # the demo: MaskDM's two stages on digits, 1000 steps with 75% of the patches masked, then
                         # 1000 unmasked fine-tuning steps; about 10 minutes on 2 cores
-        'name': 'digits-maskdm', 'model.preset': 'DiT-T/2', 'train.steps': 2000, 'train.lr': 1e-3, 'train.ema_decay': 0.995,
+        'name': 'digits-maskdm', 'model.preset': 'DiT-T/2', 'train.steps': 2000, 'train.lr': 1e-3,
+        'train.ema_decay': 0.995,
         'mask.strategy': 'patch', 'mask.ratio': 0.75, 'mask.pretrain_steps': 1000, 'mask.finetune_warmup_steps': 50,
         'train.ckpt_every': 500, 'train.sample_every': 500, 'train.eval_every': 500,
         'sample.sampler': 'dpmpp_2m', 'sample.steps': 20, 'sample.grid_size': 100},
     'digits-sadm': {  # the demo: MaskDM's two stages, then SADM fine-tuning: 1000 steps with 75% of the patches
                       # masked, 500 unmasked fine-tuning steps, 500 SADM fine-tuning steps; about 10 minutes on 2 cores
-        'name': 'digits-sadm', 'model.preset': 'DiT-T/2', 'train.steps': 2000, 'train.lr': 1e-3, 'train.ema_decay': 0.995,
+        'name': 'digits-sadm', 'model.preset': 'DiT-T/2', 'train.steps': 2000, 'train.lr': 1e-3,
+        'train.ema_decay': 0.995,
         'mask.strategy': 'patch', 'mask.ratio': 0.75, 'mask.pretrain_steps': 1000, 'mask.finetune_warmup_steps': 50,
         'sadm.enabled': True, 'sadm.start_step': 1500,
         'train.ckpt_every': 500, 'train.sample_every': 500, 'train.eval_every': 500,
@@ -383,7 +395,8 @@ def get_config(preset: str = 'digits-dit', overrides=()) -> RunConfig:
 # %% ../nbs/api/01_config.ipynb #01d244e4
 RESUMABLE = {'name', 'train.steps', 'train.log_every', 'train.ckpt_every', 'train.keep_checkpoints',
              'train.sample_every', 'train.eval_every', 'train.device', 'train.compile',
-             'sample.sampler', 'sample.steps', 'sample.eta', 'sample.cfg_scale', 'sample.grid_size', 'sample.batch_size',
+             'sample.sampler', 'sample.steps', 'sample.eta', 'sample.cfg_scale', 'sample.grid_size',
+             'sample.batch_size',
              'eval.enabled', 'eval.features', 'eval.num_samples', 'eval.use_ema'}
 
 def config_diff(a: RunConfig, b: RunConfig, ignore=()) -> dict:

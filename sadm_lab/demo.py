@@ -67,13 +67,15 @@ def _stage_lines(run, cfg, recs) -> list[str]:
         mc = cfg.mask
         mask = (f"{mc.strategy} masking" + (f" at ratio {mc.ratio}" if mc.strategy != 'crop' else
                                             f", one visible {mc.crop_size}x{mc.crop_size} window"))
-        lines += [f"`masked_dsm` is MaskDM's masked denoising with {mask}: only the visible patch tokens go through the "
+        lines += [f"`masked_dsm` is MaskDM's masked denoising with {mask}: only the visible patch tokens go through "
+                  "the "
                   "transformer and the loss covers only them."]
     if sadm:
         sd = cfg.sadm
         lines += [f"`sadm` is the structure game: a structure discriminator ({sd.affinity} affinity, L{sd.p}, "
                   f"{sd.d_steps} update(s) per step at lr {sd.d_lr:g}) plays against the denoiser, whose loss gains "
-                  f"λ·D_ω (λ = {sd.weight:g}, reached after {sd.warmup_steps} steps; predictions at t < {sd.t_max:g}·T, "
+                  f"λ·D_ω (λ = {sd.weight:g}, reached after {sd.warmup_steps} steps; predictions at t < "
+                  f"{sd.t_max:g}·T, "
                   f"ω {sd.omega})."]
     lines += ['', '| stage | steps | mask ratio | λ | images/s | training time | FID at its end | NN ratio'
               + (' | held-out structure distance (pixels)' if sadm else '') + ' |',
@@ -96,7 +98,8 @@ def _stage_lines(run, cfg, recs) -> list[str]:
         ratio = rows[0]['mask_ratio'][0] if rows and rows[0]['mask_ratio'] else cfg.mask.ratio
         lines += ['', f"In pre-training the model only ever denoises about {1 - ratio:.0%} of an image's patches at a "
                   "time; sampling it on the full grid of tokens shows the 'primer' it has learnt. Fine-tuning on whole "
-                  "images turns it into the generator. Whether the two stages beat training from scratch at equal compute "
+                  "images turns it into the generator. Whether the two stages beat training from scratch at equal "
+                  "compute "
                   "is measured by `benchmarks/maskdm_equal_compute.py` (docs: *Masked pre-training: the evidence*)."]
     if sadm:
         lines += ['', "The SADM stage is not a controlled comparison: it follows the other stages, so its FID also "
@@ -117,7 +120,8 @@ def write_report(run_dir, *, title: str | None = None, notes: str = '') -> Path:
     stages = run.schedule()
     two_stage = len(stages) > 1
     marks = {st.start: f'{st.name} starts' for st in stages.stages[1:]} or None
-    plot_curves(train, run.path / 'loss.png', panels=(('loss', 'training loss (per-sample DSM, mean)', True),), marks=marks)
+    plot_curves(train, run.path / 'loss.png', panels=(('loss', 'training loss (per-sample DSM, mean)', True),),
+                marks=marks)
     plot_curves(evals, run.path / 'fid.png', panels=(('fid', 'FID over training', False),), marks=marks)
     grids = sorted(run.samples_dir.glob('step-*.png'))
     starts = [r['time'] for r in recs if r.get('event') == 'start']
@@ -127,8 +131,7 @@ def write_report(run_dir, *, title: str | None = None, notes: str = '') -> Path:
     lines = [f"# {title or cfg.name}", '',
              f"Model `{cfg.model.preset}` on `{cfg.data.name}`, {cfg.diffusion.schedule} schedule, "
              f"{cfg.diffusion.prediction}-prediction, {cfg.train.steps} steps of batch {cfg.train.batch_size}"
-             + (f" ({cfg.mask.pretrain_steps} of them masked)" if cfg.mask.strategy != 'none' and cfg.mask.pretrain_steps else '')
-             + (f", SADM from step {cfg.sadm.start_step + 1}" if cfg.sadm.enabled else '')
+             + (f" in {len(stages)} stages ({' → '.join(st.name for st in stages)})" if len(stages) > 1 else '')
              + f", sampler {cfg.sample.sampler} ({cfg.sample.steps} steps).", '']
     if notes: lines += [notes, '']
     lines += ['| | |', '|---|---|',
@@ -152,15 +155,19 @@ def write_report(run_dir, *, title: str | None = None, notes: str = '') -> Path:
     if two_stage: lines += _stage_lines(run, cfg, recs)
     if (run.path / 'loss.png').is_file():
         lines += ['## Training loss', '', '![loss](loss.png)', '']
-        if cfg.mask.strategy != 'none': lines += ['The masked stage\'s loss is over visible patches only, so the curve may jump at the switch.', '']
-        if cfg.sadm.enabled: lines += ['With SADM the curve is the denoising loss alone (the structure term is logged apart).', '']
+        if cfg.mask.strategy != 'none':
+            lines += ['The masked stage\'s loss is over visible patches only, so the curve may jump at the switch.', '']
+        if cfg.sadm.enabled:
+            lines += ['With SADM the curve is the denoising loss alone (the structure term is logged apart).', '']
     if evals:
         lines += ['## FID over training', '', '![fid](fid.png)', '',
-                  '| step | FID | floor | NN ratio |', '|---|---|---|---|'] + \
-                 [f"| {e['step']} | {e['fid']:.2f} | {e['fid_floor']:.2f} | {_fmt(e.get('nn_ratio'))} |" for e in evals] + ['']
+                  '| step | FID | floor | NN ratio |', '|---|---|---|---|']
+        lines += [f"| {e['step']} | {e['fid']:.2f} | {e['fid_floor']:.2f} | {_fmt(e.get('nn_ratio'))} |"
+                  for e in evals] + ['']
         lines += ['FID values are comparable only under the same protocol (feature network, sample count, reference '
                   'set). The floor is the FID of other real training images against the same reference set: the '
-                  'score of a perfect generator at this sample size, an estimate and not a bound. A FID at or below the '
+                  'score of a perfect generator at this sample size, an estimate and not a bound. A FID at or below '
+                  'the '
                   'floor means the samples cannot be told apart from real images with these features and this many '
                   'images, unless the model copies its training images: the nearest-neighbour ratio (about 1 for fresh '
                   'data, near 0 for copies) checks that.', '']
@@ -202,7 +209,8 @@ def run_demo(run_dir='runs/demo', *, fast: bool = False, masked: bool = True, sa
     run_dir = Path(run_dir)
     t0 = time.time()
     tr = Trainer(cfg, run_dir, resume=resume, callbacks=[_Narrator()], progress=progress)
-    plan = ', then '.join(f"{st.name} (steps {st.start + 1}-{st.end}: {' + '.join(st.objectives)})" for st in tr.schedule)
+    plan = ', then '.join(f"{st.name} (steps {st.start + 1}-{st.end}: {' + '.join(st.objectives)})"
+                          for st in tr.schedule)
     print(f"[1/3] training {cfg.model.preset} on {cfg.data.name}: {plan}; batch {cfg.train.batch_size}, "
           f"FID every {cfg.train.eval_every or cfg.train.steps} steps, in {run_dir}", flush=True)
     print(f"      data: {len(tr.data)} images {tuple(tr.data.images.shape[1:])}, {tr.data.num_classes} classes; "

@@ -27,7 +27,8 @@ def linear_betas(timesteps: int = 1000) -> torch.Tensor:
     "DDPM linear betas (Ho et al. 2020) in float64, from 1e-4·1000/T to 0.02·1000/T (improved-diffusion / DiT scaling)."
     T = _check_timesteps(timesteps)
     scale = 1000 / T
-    if 0.02 * scale >= 1: raise ConfigError(f"the linear schedule needs timesteps >= 21 (beta_end = 20/T must stay < 1), got {T}")
+    if 0.02 * scale >= 1:
+        raise ConfigError(f"the linear schedule needs timesteps >= 21 (beta_end = 20/T must stay < 1), got {T}")
     return torch.linspace(1e-4 * scale, 0.02 * scale, T, dtype=torch.float64)
 
 def cosine_betas(timesteps: int = 1000, *, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
@@ -47,11 +48,13 @@ def get_betas(schedule: str, timesteps: int = 1000) -> torch.Tensor:
 SPACINGS = ('trailing', 'leading', 'linspace')
 
 def space_timesteps(num_timesteps: int, steps: int, *, spacing: str = 'trailing') -> list[int]:
-    "Descending list of `steps` training indices in [0, T-1] to visit when sampling with `steps` steps (see table above)."
+    """Descending list of `steps` training indices in [0, T-1] to visit when sampling with `steps` steps (see table
+    above)."""
     T = _check_timesteps(num_timesteps)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
         raise ConfigError(f"sampling steps must be an integer in [1, {T}], got {steps!r}")
-    if spacing == 'trailing': ts = np.round(T - np.arange(steps) * (T / steps)) - 1  # = diffusers' np.arange(T, 0, -T/n).round() - 1
+    # = diffusers' np.arange(T, 0, -T/n).round() - 1
+    if spacing == 'trailing': ts = np.round(T - np.arange(steps) * (T / steps)) - 1
     elif spacing == 'leading': ts = np.arange(steps) * (T // steps)
     elif spacing == 'linspace': ts = np.linspace(0, T - 1, steps).round()
     else: raise ConfigError(f"unknown timestep spacing {spacing!r}: choose one of {SPACINGS}")
@@ -60,7 +63,8 @@ def space_timesteps(num_timesteps: int, steps: int, *, spacing: str = 'trailing'
     return ts
 
 def respaced_betas(alphas_cumprod: torch.Tensor, timesteps) -> torch.Tensor:
-    "Betas of the chain restricted to `timesteps` (any order), ascending: 1 - abar[k_j]/abar[k_{j-1}] (improved-diffusion)."
+    """Betas of the chain restricted to `timesteps` (any order), ascending: 1 - abar[k_j]/abar[k_{j-1}]
+    (improved-diffusion)."""
     ab = alphas_cumprod[sorted(int(t) for t in timesteps)]
     prev = torch.cat([ab.new_ones(1), ab[:-1]])
     return 1 - ab / prev
@@ -69,7 +73,8 @@ def respaced_betas(alphas_cumprod: torch.Tensor, timesteps) -> torch.Tensor:
 PREDICTIONS = ('eps', 'x0', 'v')
 LOSS_WEIGHTINGS = ('none', 'min_snr')
 
-def drop_labels(y: torch.Tensor, p: float, null_class: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+def drop_labels(y: torch.Tensor, p: float, null_class: int, *,
+                generator: torch.Generator | None = None) -> torch.Tensor:
     "Replace each label by `null_class` with probability `p` (classifier-free guidance training, Ho & Salimans 2022)."
     if not 0 <= p <= 1: raise ConfigError(f"label drop probability must be in [0, 1], got {p!r}")
     if p == 0: return y
@@ -82,21 +87,25 @@ def _bcast(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/api/03_diffusion.ipynb #9a4c79ba
 class Diffusion:
-    "Gaussian diffusion with T discrete steps (DDPM, Ho et al. 2020); see the notebook for schedules and parameterisations."
+    """Gaussian diffusion with T discrete steps (DDPM, Ho et al. 2020); see the notebook for schedules and
+    parameterisations."""
     def __init__(self, *, schedule: str = 'linear', timesteps: int = 1000, prediction: str = 'eps',
                  loss_weighting: str = 'none', min_snr_gamma: float = 5.0):
-        if prediction not in PREDICTIONS: raise ConfigError(f"unknown prediction {prediction!r}: choose one of {PREDICTIONS}")
+        if prediction not in PREDICTIONS:
+            raise ConfigError(f"unknown prediction {prediction!r}: choose one of {PREDICTIONS}")
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ConfigError(f"unknown loss_weighting {loss_weighting!r}: choose one of {LOSS_WEIGHTINGS}")
         if not min_snr_gamma > 0: raise ConfigError(f"min_snr_gamma must be > 0, got {min_snr_gamma!r}")
-        self.schedule, self.prediction, self.loss_weighting, self.min_snr_gamma = schedule, prediction, loss_weighting, float(min_snr_gamma)
+        self.schedule, self.prediction = schedule, prediction
+        self.loss_weighting, self.min_snr_gamma = loss_weighting, float(min_snr_gamma)
         self.betas = get_betas(schedule, timesteps)                   # float64 (T,)
         self.num_timesteps = len(self.betas)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)        # float64 (T,)
         self._tables = {}
 
     def __repr__(self):
-        return (f"Diffusion(schedule={self.schedule!r}, timesteps={self.num_timesteps}, prediction={self.prediction!r}, "
+        return (f"Diffusion(schedule={self.schedule!r}, timesteps={self.num_timesteps}, "
+                f"prediction={self.prediction!r}, "
                 f"loss_weighting={self.loss_weighting!r}, min_snr_gamma={self.min_snr_gamma})")
 
     def _table(self, device) -> dict:
@@ -159,13 +168,15 @@ def _target(self, x0, noise, t):
     return self.v_from(x0, noise, t)
 
 Diffusion.q_sample, Diffusion.sample_t = _q_sample, _sample_t
-Diffusion.x0_from_eps, Diffusion.eps_from_x0, Diffusion.x0_from_v, Diffusion.eps_from_v = _x0_from_eps, _eps_from_x0, _x0_from_v, _eps_from_v
+Diffusion.x0_from_eps, Diffusion.eps_from_x0 = _x0_from_eps, _eps_from_x0
+Diffusion.x0_from_v, Diffusion.eps_from_v = _x0_from_v, _eps_from_v
 Diffusion.v_from, Diffusion.to_x0_eps, Diffusion.target = _v_from, _to_x0_eps, _target
 Diffusion.drop_labels = staticmethod(drop_labels)
 
 # %% ../nbs/api/03_diffusion.ipynb #a66fb791
 def _q_posterior(self, x0, x_t, t, t_prev=None):
-    "Mean, variance, log-variance of q(x_{t_prev} | x_t, x_0) (Ho et al. 2020 eq. 7; t_prev defaults to t-1, -1 = clean)."
+    """Mean, variance, log-variance of q(x_{t_prev} | x_t, x_0) (Ho et al. 2020 eq. 7; t_prev defaults to t-1, -1 =
+    clean)."""
     t = torch.as_tensor(t, device=x_t.device)
     t_prev = t - 1 if t_prev is None else torch.as_tensor(t_prev, device=x_t.device)
     ab, ab_prev = self._get('abar', t), self._get('abar', t_prev)   # float64: 1 - ab/ab_prev is a small difference

@@ -49,7 +49,8 @@ def mask_to_keep_idx(mask: torch.Tensor) -> torch.Tensor:
 def keep_idx_to_mask(keep_idx: torch.Tensor, n: int) -> torch.Tensor:
     "keep_idx (B, N_keep) of token indices in [0, n) -> bool mask (B, n), True = masked."
     if keep_idx.ndim != 2 or keep_idx.dtype.is_floating_point or keep_idx.dtype == torch.bool:
-        raise ConfigError(f"keep_idx must be an integer tensor (B, N_keep), got {keep_idx.dtype} of shape {tuple(keep_idx.shape)}")
+        raise ConfigError(f"keep_idx must be an integer tensor (B, N_keep), got {keep_idx.dtype} of shape "
+                          f"{tuple(keep_idx.shape)}")
     if keep_idx.numel() and (int(keep_idx.min()) < 0 or int(keep_idx.max()) >= n):
         raise ConfigError(f"keep_idx has indices outside [0, {n})")
     mask = torch.ones(keep_idx.shape[0], n, dtype=torch.bool, device=keep_idx.device)
@@ -97,7 +98,8 @@ def _floor(x: float) -> int:
     return math.floor(x + 1e-9)
 
 def _posint(x, name: str) -> int:
-    if not isinstance(x, int) or isinstance(x, bool) or x < 1: raise ConfigError(f"{name} must be a positive int, got {x!r}")
+    if not isinstance(x, int) or isinstance(x, bool) or x < 1:
+        raise ConfigError(f"{name} must be a positive int, got {x!r}")
     return x
 
 def _check_ratio(ratio, name: str = 'ratio') -> float:
@@ -110,20 +112,23 @@ class Masker:
     "Draws MaskDM masks (Lei et al. 2023) on an (h, w) token grid: `strategy` in STRATEGIES, see the table above."
     def __init__(self, strategy: str = 'patch', grid=16, *, ratio: float | None = None, block_size: int = 4,
                  crop_size: int | None = None):
-        if strategy not in STRATEGIES: raise ConfigError(f"unknown mask strategy {strategy!r}; choose one of {STRATEGIES}")
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"unknown mask strategy {strategy!r}; choose one of {STRATEGIES}")
         self.strategy, self.grid = strategy, _pair(grid, 'grid')
         h, w = self.grid
         self.num_tokens = n = h * w
         self.requested_ratio = ratio
         # ratio None: a crop with a crop_size uses it; otherwise None means 0 (nothing masked)
-        r = _check_ratio(ratio) if ratio is not None else (None if strategy == 'crop' and crop_size is not None else 0.0)
+        if ratio is not None: r = _check_ratio(ratio)
+        else: r = None if strategy == 'crop' and crop_size is not None else 0.0
         self.block_size = self.crop_size = None
         if strategy == 'block':                                 # options are checked even at r = 0
             self.block_size = b = _posint(block_size, 'block_size')
             if h % b or w % b: raise ConfigError(f"block_size {b} does not divide the token grid {self.grid}")
         if strategy == 'crop' and crop_size is not None:
             self.crop_size = _posint(crop_size, 'crop_size')
-            if self.crop_size > min(h, w): raise ConfigError(f"crop_size {self.crop_size} is larger than the token grid {self.grid}")
+            if self.crop_size > min(h, w):
+                raise ConfigError(f"crop_size {self.crop_size} is larger than the token grid {self.grid}")
         if r == 0: n_mask = 0                                   # r = 0 masks nothing, whatever the strategy
         elif strategy == 'patch': n_mask = _floor(r * n)
         elif strategy == 'block': n_mask = b * b * (_floor(r * n) // (b * b))   # rounded down to whole blocks
@@ -140,7 +145,8 @@ class Masker:
         return self.num_masked / self.num_tokens
 
     def __repr__(self):
-        opt = {'block': f", block_size={self.block_size}", 'crop': f", crop_size={self.crop_size}"}.get(self.strategy, '')
+        opt = {'block': f", block_size={self.block_size}", 'crop': f", crop_size={self.crop_size}"}.get(self.strategy,
+                                                                                                        '')
         return (f"Masker({self.strategy!r}, grid={self.grid}{opt if self.num_masked else ''}: "
                 f"{self.num_masked}/{self.num_tokens} masked, ratio {self.ratio:.4f})")
 
@@ -183,8 +189,10 @@ def make_mask(strategy: str, batch_size: int, grid, *, ratio: float | None = Non
     return Masker(strategy, grid, ratio=ratio, block_size=block_size, crop_size=crop_size)(
         batch_size, generator=generator, device=device)
 
-def visible_count(strategy: str, grid, *, ratio: float | None = None, block_size: int = 4, crop_size: int | None = None) -> int:
-    "Exact number of visible tokens per image for these settings (what the transformer processes; for compute accounting)."
+def visible_count(strategy: str, grid, *, ratio: float | None = None, block_size: int = 4,
+                  crop_size: int | None = None) -> int:
+    """Exact number of visible tokens per image for these settings (what the transformer processes; for compute
+    accounting)."""
     return Masker(strategy, grid, ratio=ratio, block_size=block_size, crop_size=crop_size).num_visible
 
 # %% ../nbs/api/03a_masking.ipynb #d920bffd
@@ -275,7 +283,8 @@ class TokenView:
         if n != want:
             raise ConfigError(f"the network returned {n} tokens for a call that keeps {self.num_visible} of "
                               f"{self.num_tokens}: expected {want} (returns_all_tokens={self.all_tokens}); a network "
-                              "that answers a keep_idx call with every token must say so with returns_all_tokens = True")
+                              "that answers a keep_idx call with every token must say so with "
+                              "returns_all_tokens = True")
         return gather_tokens(tokens, self.keep_idx) if self.all_tokens else tokens
 
     def hidden(self, out: torch.Tensor, channels: int) -> torch.Tensor:

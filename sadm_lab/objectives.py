@@ -281,7 +281,8 @@ def build_objectives(cfg, schedule: Schedule, *, net, diffusion, sample_shape, d
                                                     heldout=heldout)
     unknown = [n for n in schedule.objective_names if n not in make]
     if unknown:
-        raise ConfigError(f"the schedule trains {unknown}, which this config does not enable (available: {sorted(make)}; "
+        raise ConfigError(f"the schedule trains {unknown}, which this config does not enable (available: "
+                          f"{sorted(make)}; "
                           "masked_dsm needs mask.strategy, mae mask.mae_weight > 0, sadm sadm.enabled=true)")
     objectives = {n: make[n]() for n in schedule.objective_names}
     check_schedule(schedule, objectives)

@@ -18,13 +18,15 @@ __all__ = ['SAMPLERS', 'DenoiserOutput', 'Denoiser', 'sample_ddpm', 'sample_ddim
 
 # %% ../nbs/api/05_sample.ipynb #cb4f1b5c
 class DenoiserOutput(NamedTuple):
-    "What a denoiser returns at (x_t, t): the x0 and eps estimates, and learned-variance channels if the model has them."
+    """What a denoiser returns at (x_t, t): the x0 and eps estimates, and learned-variance channels if the model has
+    them."""
     x0: torch.Tensor
     eps: torch.Tensor
     var_values: torch.Tensor | None = None
 
 class Denoiser:
-    "Wrap `model(x_t, t, y)` so it returns x0/eps for any parameterisation, with optional CFG (Ho & Salimans 2022) and x0 clipping."
+    """Wrap `model(x_t, t, y)` so it returns x0/eps for any parameterisation, with optional CFG (Ho & Salimans 2022) and
+    x0 clipping."""
     def __init__(self, model: Callable, diffusion: Diffusion, *, cfg_scale: float = 1.0, clip_x0: bool = True):
         self.model, self.diffusion, self.cfg_scale, self.clip_x0 = model, diffusion, float(cfg_scale), clip_x0
         self.num_classes = getattr(model, 'num_classes', 0)
@@ -33,7 +35,8 @@ class Denoiser:
         "Raw network output, guided if asked (batch doubled with the null class)."
         if self.cfg_scale == 1 or y is None: return self.model(x, t, y), None
         if not self.num_classes:
-            raise ConfigError(f"cfg_scale={self.cfg_scale} needs a class-conditional model (num_classes > 0) and labels y")
+            raise ConfigError(f"cfg_scale={self.cfg_scale} needs a class-conditional model (num_classes > 0) and "
+                              "labels y")
         null = torch.full_like(y, self.num_classes)
         out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
         return out.chunk(2)
@@ -44,7 +47,8 @@ class Denoiser:
         if t.ndim == 0: t = t.expand(B)
         cond, uncond = self._forward(x, t, y)
         if cond.shape[1] not in (C, 2 * C):
-            raise ConfigError(f"model output has {cond.shape[1]} channels for {C}-channel inputs: expected {C} or {2*C} (learned sigma)")
+            raise ConfigError(f"model output has {cond.shape[1]} channels for {C}-channel inputs: expected {C} or "
+                              f"{2*C} (learned sigma)")
         var_values = cond[:, C:] if cond.shape[1] == 2 * C else None
         pred = cond[:, :C] if uncond is None else uncond[:, :C] + self.cfg_scale * (cond[:, :C] - uncond[:, :C])
         x0, eps = self.diffusion.to_x0_eps(pred.to(x.dtype), x, t)
@@ -59,7 +63,8 @@ def _pairs(diffusion: Diffusion, timesteps) -> list[tuple[int, int]]:
     ts = [int(t) for t in timesteps]
     if not ts: raise ConfigError("timesteps is empty: pass space_timesteps(T, steps)")
     if any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0 or ts[0] >= diffusion.num_timesteps:
-        raise ConfigError(f"timesteps must be strictly descending indices in [0, {diffusion.num_timesteps - 1}], got {ts[:5]}...")
+        raise ConfigError(f"timesteps must be strictly descending indices in [0, {diffusion.num_timesteps - 1}], got "
+                          f"{ts[:5]}...")
     return list(zip(ts, ts[1:] + [-1]))
 
 def _abar(diffusion: Diffusion, t: int) -> float:
@@ -71,9 +76,12 @@ def _randn_like(x, generator):
 
 # %% ../nbs/api/05_sample.ipynb #218e7612
 @torch.no_grad()
-def sample_ddpm(denoiser, x, timesteps, *, extra_args=None, callback=None, disable=None, generator=None, variance='small'):
-    "Ancestral sampling (DDPM, Ho et al. 2020, Alg. 2) on a respaced chain; `variance` in 'small' | 'large' | 'learned'."
-    if variance not in ('small', 'large', 'learned'): raise ConfigError(f"unknown DDPM variance {variance!r}: 'small', 'large' or 'learned'")
+def sample_ddpm(denoiser, x, timesteps, *, extra_args=None, callback=None, disable=None, generator=None,
+                variance='small'):
+    """Ancestral sampling (DDPM, Ho et al. 2020, Alg. 2) on a respaced chain; `variance` in 'small' | 'large' |
+    'learned'."""
+    if variance not in ('small', 'large', 'learned'):
+        raise ConfigError(f"unknown DDPM variance {variance!r}: 'small', 'large' or 'learned'")
     d, extra_args = denoiser.diffusion, default(extra_args, {})
     for i, (t, tp) in enumerate(tqdm(_pairs(d, timesteps), disable=disable)):
         out = denoiser(x, t, **extra_args)
@@ -83,7 +91,8 @@ def sample_ddpm(denoiser, x, timesteps, *, extra_args=None, callback=None, disab
         log_beta = math.log(1 - _abar(d, t) / _abar(d, tp))
         if variance == 'large': logvar = torch.full_like(logvar, log_beta)
         elif variance == 'learned':
-            if out.var_values is None: raise ConfigError("variance='learned' needs a learned-sigma model (2C output channels)")
+            if out.var_values is None:
+                raise ConfigError("variance='learned' needs a learned-sigma model (2C output channels)")
             frac = (out.var_values.to(x.dtype) + 1) / 2
             logvar = frac * log_beta + (1 - frac) * logvar
         x = mean + (0.5 * logvar).exp() * _randn_like(x, generator)
@@ -135,12 +144,14 @@ def generate(model, diffusion: Diffusion, n: int, *, sampler: str = 'ddim', step
              y=None, cfg_scale: float = 1., batch_size: int = 256, generator: torch.Generator | None = None,
              device=None, progress: bool = True, callback: Callable | None = None, spacing: str = 'trailing',
              clip_x0: bool = True) -> torch.Tensor:
-    "Sample `n` images (n, C, H, W) in [-1, 1] (CPU) from `model` with `sampler` in `SAMPLERS` on `steps` respaced steps."
+    """Sample `n` images (n, C, H, W) in [-1, 1] (CPU) from `model` with `sampler` in `SAMPLERS` on `steps` respaced
+    steps."""
     if sampler not in SAMPLERS: raise ConfigError(f"unknown sampler {sampler!r}: choose one of {list(SAMPLERS)}")
     if n < 1 or batch_size < 1: raise ConfigError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
     device = get_device(device) if exists(device) else next(model.parameters()).device
     num_classes = getattr(model, 'num_classes', 0)
-    if exists(y) and not num_classes: raise ConfigError("labels y were given but the model is unconditional (num_classes=0)")
+    if exists(y) and not num_classes:
+        raise ConfigError("labels y were given but the model is unconditional (num_classes=0)")
     if y is None and num_classes: y = torch.arange(n) % num_classes
     if exists(y):
         y = torch.as_tensor(y, dtype=torch.long).cpu()

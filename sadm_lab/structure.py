@@ -24,11 +24,13 @@ class StructureEncoder(nn.Module):
     """E_φ: samples -> L2-normalised embeddings (B, dim). Images (B, C, H, W) go through a small strided conv net,
     vectors (B, D) through an MLP; with `time_cond` the timestep's sinusoidal features are added to the hidden
     features (so the encoder can judge predictions made at different noise levels differently)."""
-    def __init__(self, in_shape, *, dim: int = 64, width: int = 32, time_cond: bool = False, spectral_norm: bool = False):
+    def __init__(self, in_shape, *, dim: int = 64, width: int = 32, time_cond: bool = False,
+                 spectral_norm: bool = False):
         super().__init__()
         in_shape = tuple(in_shape)
         if len(in_shape) not in (1, 3) or not all(isinstance(s, int) and s > 0 for s in in_shape):
-            raise ConfigError(f"StructureEncoder takes in_shape (C, H, W) for images or (D,) for vectors, got {in_shape}")
+            raise ConfigError("StructureEncoder takes in_shape (C, H, W) for images or (D,) for vectors, got "
+                              f"{in_shape}")
         if dim < 1 or width < 1: raise ConfigError(f"dim and width must be >= 1, got dim={dim}, width={width}")
         self.in_shape, self.dim, self.time_cond = in_shape, dim, time_cond
         sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
@@ -39,13 +41,15 @@ class StructureEncoder(nn.Module):
                                       sn(nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1)), nn.SiLU(),
                                       nn.AdaptiveAvgPool2d(1), nn.Flatten())
         else:
-            self.body = nn.Sequential(sn(nn.Linear(in_shape[0], 2 * width)), nn.SiLU(), sn(nn.Linear(2 * width, 2 * width)), nn.SiLU())
+            self.body = nn.Sequential(sn(nn.Linear(in_shape[0], 2 * width)), nn.SiLU(),
+                                      sn(nn.Linear(2 * width, 2 * width)), nn.SiLU())
         self.t_proj = nn.Linear(64, 2 * width) if time_cond else None
         self.head = nn.Sequential(sn(nn.Linear(2 * width, 2 * width)), nn.SiLU(), sn(nn.Linear(2 * width, dim)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.in_shape:
-            raise ConfigError(f"StructureEncoder built for samples of shape {self.in_shape}, got a batch of {tuple(x.shape)}")
+            raise ConfigError(f"StructureEncoder built for samples of shape {self.in_shape}, got a batch of "
+                              f"{tuple(x.shape)}")
         h = self.body(x)
         if self.time_cond:
             if t is None: raise ConfigError("this StructureEncoder is timestep-conditioned: pass t")
@@ -186,7 +190,8 @@ class StructureTerm:
         keep = w > 0
         shape = (-1,) + (1,) * (x0.dim() - 1)
         x0_hat = torch.where(keep.view(shape), x0_hat.float().clamp(-self.x0_clip, self.x0_clip), x0.float())
-        with torch.autocast(device_type=x0.device.type, enabled=False):      # a small net: fp32 whatever the denoiser runs in
+        # a small net: fp32 whatever the denoiser runs in
+        with torch.autocast(device_type=x0.device.type, enabled=False):
             z = encoder(torch.cat([x0.float(), x0_hat]), torch.cat([t, t]))
         za, zb = z.chunk(2)
         scale = 1
@@ -276,7 +281,8 @@ class StructureGame(Objective):
         if ddp:       # plain DDP, not accelerate's prepare, which would add fp16 autocast to the encoder
             from torch.nn.parallel import DistributedDataParallel
             dev = next(encoder.parameters()).device
-            self.discriminator = DistributedDataParallel(encoder, device_ids=[dev.index or 0] if dev.type == 'cuda' else None)
+            self.discriminator = DistributedDataParallel(encoder,
+                                                         device_ids=[dev.index or 0] if dev.type == 'cuda' else None)
         self.heldout_size, self.heldout_source = int(heldout_size), heldout
         self._heldout_batch = None                         # built at the first log line (see `heldout_batch`)
 
@@ -348,7 +354,8 @@ def _heldout_distance(self, model) -> dict:
     mean = x0[keep].mean(0, keepdim=True)
     real = (x0[keep] - mean).flatten(1).float()
     fake = (pred[keep].clamp(-term.x0_clip, term.x0_clip) - mean).flatten(1).float()
-    return {'heldout_struct': float(cur), 'heldout_struct_pixels': float(structural_distance(real, fake, weights=w[keep]))}
+    return {'heldout_struct': float(cur),
+            'heldout_struct_pixels': float(structural_distance(real, fake, weights=w[keep]))}
 
 StructureGame.heldout_batch, StructureGame.heldout_distance = _heldout_batch, _heldout_distance
 

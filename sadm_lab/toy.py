@@ -48,14 +48,16 @@ def toy_data(kind: str = 'gaussians', n: int = 4096, *, seed: int = 0) -> tuple[
 # %% ../nbs/api/12_toy.ipynb #60228e53
 def _check_points(a, name):
     a = torch.as_tensor(a)
-    if a.dim() != 2 or a.shape[0] < 2: raise ConfigError(f"{name} must be (n >= 2, d) points, got shape {tuple(a.shape)}")
+    if a.dim() != 2 or a.shape[0] < 2:
+        raise ConfigError(f"{name} must be (n >= 2, d) points, got shape {tuple(a.shape)}")
     if not torch.isfinite(a).all(): raise ConfigError(f"{name} holds non-finite values")
     return a.double()
 
 def sliced_wasserstein(a, b, *, n_proj: int = 512, seed: int = 0) -> float:
     "Sliced Wasserstein-2 distance between two equal-size point sets (n, d), over `n_proj` random directions."
     a, b = _check_points(a, 'a'), _check_points(b, 'b')
-    if a.shape != b.shape: raise ConfigError(f"sliced_wasserstein compares equal-size sets, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape != b.shape:
+        raise ConfigError(f"sliced_wasserstein compares equal-size sets, got {tuple(a.shape)} and {tuple(b.shape)}")
     th = torch.randn(a.shape[1], n_proj, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     th = th / th.norm(dim=0, keepdim=True)
     pa, pb = (a @ th).sort(0).values, (b @ th).sort(0).values
@@ -140,7 +142,8 @@ def train_toy(kind: str = 'gaussians', *, steps: int = 3000, batch_size: int = 2
     for step in tqdm(range(steps), disable=not progress, desc=f'toy {kind}'):
         x0 = data[torch.randint(0, len(data), (batch_size,), generator=g)]
         stage = schedule.at(step)
-        loss, logs, _ = objective_step(model, dif, [objectives[n] for n in stage.objectives], MicroBatch(x0, None, g, step, stage))
+        loss, logs, _ = objective_step(model, dif, [objectives[n] for n in stage.objectives],
+                                       MicroBatch(x0, None, g, step, stage))
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         for k, v in logs.items(): a, c = win.get(k, (0.0, 0)); win[k] = (a + float(v), c + 1)
         if (step + 1) % log_every == 0 or step + 1 == steps:
@@ -157,7 +160,8 @@ def sample_toy(model: nn.Module, diffusion: Diffusion, n: int = 2000, *, steps: 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 2, generator=g)
     fn = sample_ddpm if sampler == 'ddpm' else sample_ddim
-    return fn(Denoiser(model, diffusion, clip_x0=False), x, space_timesteps(diffusion.num_timesteps, steps), generator=g, disable=True)
+    return fn(Denoiser(model, diffusion, clip_x0=False), x, space_timesteps(diffusion.num_timesteps, steps),
+              generator=g, disable=True)
 
 # %% ../nbs/api/12_toy.ipynb #fb5282b7
 def compare_toy(settings: dict, *, kind: str = 'gaussians', seeds=(0, 1, 2), steps: int = 3000, n_samples: int = 2000,
@@ -174,7 +178,8 @@ def compare_toy(settings: dict, *, kind: str = 'gaussians', seeds=(0, 1, 2), ste
             real, _ = toy_data(kind, n_samples, seed=seed + 20_000)
             if torch.isfinite(s).all(): m = toy_metrics(s, real, kind, seed=seed)
             else:                                     # a diverged run is a result, not a crash of the comparison
-                m = dict(swd=math.inf, mmd2=math.inf, covered=0, n_modes=toy_spec(kind)['n_modes'], hq=0.0, mode_tv=1.0, pdist_tv=1.0)
+                m = dict(swd=math.inf, mmd2=math.inf, covered=0, n_modes=toy_spec(kind)['n_modes'], hq=0.0, mode_tv=1.0,
+                         pdist_tv=1.0)
                 s = torch.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
             rows.append(dict(setting=name, seed=seed, train_s=secs, **m, samples=s, history=run['history']))
             if progress: print(f"{name:>12} seed {seed}: swd {rows[-1]['swd']:.4f}  mmd2 {rows[-1]['mmd2']:.2e}  "
@@ -186,7 +191,8 @@ def summarize(rows: list[dict], keys=('swd', 'mmd2', 'hq', 'covered', 'mode_tv',
     "setting -> key -> (mean, std over seeds)."
     out = {}
     for r in rows: out.setdefault(r['setting'], []).append(r)
-    return {name: {k: (float(np.mean([r[k] for r in rs])), float(np.std([r[k] for r in rs], ddof=1)) if len(rs) > 1 else 0.0)
+    return {name: {k: (float(np.mean([r[k] for r in rs])),
+                       float(np.std([r[k] for r in rs], ddof=1)) if len(rs) > 1 else 0.0)
                    for k in keys} for name, rs in out.items()}
 
 def plot_toy(rows: list[dict], *, kind: str = 'gaussians', seed: int = 0, path=None):
@@ -203,8 +209,10 @@ def plot_toy(rows: list[dict], *, kind: str = 'gaussians', seed: int = 0, path=N
         ax[0, j].scatter(real[:, 0], real[:, 1], s=1, c='0.8'); ax[0, j].scatter(s[:, 0], s[:, 1], s=1)
         ax[0, j].set_title(f"{r['setting']}\nSWD {r['swd']:.3f}, hq {r['hq']:.2f}", fontsize=9)
         ax[0, j].set_aspect('equal'); ax[0, j].set_xlim(-1.6, 1.6); ax[0, j].set_ylim(-1.6, 1.6)
-        ax[1, j].plot(centers, hr, c='0.5', label='real'); ax[1, j].plot(centers, pairwise_distance_hist(s), label=r['setting'])
-        ax[1, j].set_xlabel('‖x_i − x_j‖'); ax[1, j].set_title(f"pair-wise distances, TV {r['pdist_tv']:.3f}", fontsize=9)
+        ax[1, j].plot(centers, hr, c='0.5', label='real'); ax[1, j].plot(centers, pairwise_distance_hist(s),
+                                                                         label=r['setting'])
+        ax[1, j].set_xlabel('‖x_i − x_j‖'); ax[1, j].set_title(f"pair-wise distances, TV {r['pdist_tv']:.3f}",
+                                                               fontsize=9)
         ax[1, j].legend(fontsize=7)
     fig.tight_layout()
     if path: fig.savefig(path, dpi=110); plt.close(fig)

@@ -40,7 +40,8 @@ def build_reference_data(cfg: RunConfig) -> ImageData:
     """The real images FID compares with: the dataset's whole training split. `data.max_images` caps what a run
     trains on (a small-data or transfer experiment), not the distribution its samples are judged against."""
     d = cfg.data
-    return load_data(d.name, root=d.root, resolution=d.resolution, channels=d.channels, split='train', download=d.download)
+    return load_data(d.name, root=d.root, resolution=d.resolution, channels=d.channels, split='train',
+                     download=d.download)
 
 def build_network(cfg: RunConfig, data: ImageData) -> nn.Module:
     "The network for `cfg.model`, sized for `data` (resolution, channels, classes)."
@@ -50,7 +51,8 @@ def build_network(cfg: RunConfig, data: ImageData) -> nn.Module:
     _, c, h, w = data.images.shape
     num_classes = data.num_classes if cfg.data.conditional else 0
     cls = MODELS[family_of(m.preset)].cls
-    if 'class_dropout_prob' in inspect.signature(cls).parameters:   # DiT sizes its label table by it; U-ViT has no such option
+    # DiT sizes its label table by it; U-ViT has no such option
+    if 'class_dropout_prob' in inspect.signature(cls).parameters:
         overrides['class_dropout_prob'] = m.class_dropout_prob if num_classes else 0.0
     try:
         return build_model(m.preset, input_size=h, in_channels=c, num_classes=num_classes, learn_sigma=m.learn_sigma,
@@ -90,11 +92,13 @@ class EMA(nn.Module):
 # %% ../nbs/api/06_train.ipynb #a5c323bd
 class BatchStream:
     "Deterministic, resumable batch indices: seeded epoch permutations, sharded over ranks and micro-batches."
-    def __init__(self, n: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, grad_accum: int = 1):
+    def __init__(self, n: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 grad_accum: int = 1):
         if batch_size % (world_size * grad_accum):
             raise ConfigError(f"train.batch_size={batch_size} must be divisible by processes ({world_size}) x "
                               f"train.grad_accum ({grad_accum})")
-        self.n, self.batch_size, self.seed, self.rank, self.world, self.accum = n, batch_size, seed, rank, world_size, grad_accum
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world, self.accum = rank, world_size, grad_accum
         self.micro = batch_size // (world_size * grad_accum)
         self._perms = {}
 
@@ -200,8 +204,8 @@ def check_state_dict(model: nn.Module, sd: dict, source: str = 'checkpoint'):
         if shapes: parts.append(f"{len(shapes)} shape mismatches, e.g. " + '; '.join(shapes[:3]))
         if missing: parts.append(f"{len(missing)} missing keys, e.g. {missing[:3]}")
         if unexpected: parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
-        raise CheckpointError(f"{source} does not fit this model ({'; '.join(parts)}). "
-                              "It was probably made with another model config (preset, size, patch, channels, classes).")
+        raise CheckpointError(f"{source} does not fit this model ({'; '.join(parts)}). It was probably made with "
+                              "another model config (preset, size, patch, channels, classes).")
 
 def load_weights(model: nn.Module, sd: dict, source: str = 'checkpoint') -> nn.Module:
     "Strictly load `sd` into `model` after `check_state_dict`."
@@ -222,7 +226,8 @@ def read_weights(path, *, weights: str = 'model') -> dict:
     path = Path(path)
     if path.is_dir():
         ck_path = RunDir(path).latest_checkpoint()
-        if ck_path is None: raise CheckpointError(f"{path} holds no checkpoint (expected a run folder or a checkpoint file)")
+        if ck_path is None:
+            raise CheckpointError(f"{path} holds no checkpoint (expected a run folder or a checkpoint file)")
         path = ck_path
     ck = safe_torch_load(path)
     if not isinstance(ck, dict): raise CheckpointError(f"{path} holds a {type(ck).__name__}, not a state dict")
@@ -252,7 +257,8 @@ def check_eval_settings(data: ImageData, *, features: str, n: int | None):
                           "use eval.features=inception (or eval.enabled=false)")
     if n is not None and n > len(data) // 2:
         raise ConfigError(f"eval.num_samples={n} is too large for {len(data)} real images: the protocol needs n fake, "
-                          f"n real for the floor and at least n reference images, so use eval.num_samples<={len(data) // 2}")
+                          "n real for the floor and at least n reference images, so use "
+                          f"eval.num_samples<={len(data) // 2}")
 
 # %% ../nbs/api/06_train.ipynb #d0f71220
 def make_accelerator(tc):
@@ -261,7 +267,8 @@ def make_accelerator(tc):
     dev = tc.device
     use_cpu = dev == 'cpu' or (dev == 'auto' and not torch.cuda.is_available())
     if dev not in ('auto', 'cpu'): get_device(dev)      # validate e.g. 'cuda' on a machine without one
-    if tc.precision == 'fp16' and use_cpu: raise ConfigError("train.precision='fp16' needs a CUDA device; use 'bf16' on CPU")
+    if tc.precision == 'fp16' and use_cpu:
+        raise ConfigError("train.precision='fp16' needs a CUDA device; use 'bf16' on CPU")
     if tc.precision == 'bf16' and not use_cpu and not torch.cuda.is_bf16_supported():
         raise ConfigError("train.precision='bf16' is not supported by this GPU; use 'fp16' or 'fp32'")
     return Accelerator(cpu=use_cpu, mixed_precision='fp16' if tc.precision == 'fp16' else 'no')
@@ -282,10 +289,12 @@ class Trainer:
             self.data = data if data is not None else build_data(cfg)
             self.eval_data = (build_reference_data(cfg) if data is None and cfg.data.max_images is not None
                               and cfg.eval.enabled else self.data)   # FID's reference set (`build_reference_data`)
-        if len(self.data) < 2: raise SadmError(f"dataset {cfg.data.name!r} has {len(self.data)} images; need at least 2")
+        if len(self.data) < 2:
+            raise SadmError(f"dataset {cfg.data.name!r} has {len(self.data)} images; need at least 2")
         with seeded(tc.seed): net = build_network(cfg, self.data)     # the initial weights depend on the seed only
         if tc.init_from and self.resume_from is None:       # on resume the run's own checkpoint wins
-            load_weights(net, read_weights(tc.init_from, weights=tc.init_weights), source=f"train.init_from={tc.init_from}")
+            load_weights(net, read_weights(tc.init_from, weights=tc.init_weights),
+                         source=f"train.init_from={tc.init_from}")
         self.diffusion = build_diffusion(cfg)
         self.ema = EMA(net, tc.ema_decay).to(self.device) if tc.ema_decay > 0 else None
         opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
@@ -300,6 +309,7 @@ class Trainer:
         if tc.compile: self.model = torch.compile(self.model)
         self.step, self.stop_requested = 0, False
         self.resumed_at: str | None = None                   # the checkpoint file `fit` logs a 'resume' event for
+        self.saved_step: int | None = None                   # the step of the last checkpoint written or loaded
         self._evaluator = None                               # built at the first evaluation (`evaluator`)
         if cfg.eval.enabled: check_eval_settings(self.eval_data, features=cfg.eval.features, n=cfg.eval.num_samples)
         if self.resume_from is not None: self.load_checkpoint(self.resume_from)
@@ -381,6 +391,7 @@ def _save_checkpoint(self) -> Path | None:
         for old in self.run.checkpoints()[:-self.cfg.train.keep_checkpoints]:
             if old != path: old.unlink(missing_ok=True)
         for cb in self.callbacks: cb.on_checkpoint(self, path)
+    self.saved_step = self.step
     self.acc.wait_for_everyone()
     return path
 
@@ -403,7 +414,7 @@ def _load_checkpoint(self, path):
     except CheckpointError as e: raise CheckpointError(f"{path}: {e}") from e
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path} is incomplete or from another optimiser setup: {type(e).__name__}: {e}") from e
-    self.resumed_at = Path(path).name
+    self.resumed_at, self.saved_step = Path(path).name, self.step
 
 Trainer.state_dict, Trainer.save_checkpoint, Trainer.load_checkpoint = _state_dict, _save_checkpoint, _load_checkpoint
 
@@ -461,7 +472,8 @@ def _train_step(self) -> dict:
             sync = micro == tc.grad_accum - 1
             with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
                 loss, logs, _ = objective_step(self.model, self.diffusion, active, mb, autocast=self.autocast())
-                if loss is None: raise ConfigError(f"stage {stage.name!r}: its objectives {stage.objectives} add no loss")
+                if loss is None:
+                    raise ConfigError(f"stage {stage.name!r}: its objectives {stage.objectives} add no loss")
                 self.acc.backward(loss / tc.grad_accum)
             for k, v in logs.items(): a, c = sums.get(k, (0.0, 0)); sums[k] = (a + v, c + 1)
             mask_ratio = mb.view.ratio if mb.view is not None else 0.0
@@ -513,7 +525,8 @@ def _log_keys(self) -> list[str]:
     return [k for o in self.objectives.values() for k in o.log_keys]
 
 def _log_line(self, window: LogWindow, last: dict) -> dict:
-    "The `train` record for the steps since the last one (see above); written and passed to callbacks by the main process."
+    """The `train` record for the steps since the last one (see above); written and passed to callbacks by the main
+    process."""
     step = self.step
     logs = {'kind': 'train', 'step': step, **window.means(self.acc.reduce, self.device), 'lr': last['lr'],
             'mask_ratio': last['mask_ratio'], 'grad_norm': float(last['grad_norm']),
@@ -528,7 +541,8 @@ def _log_line(self, window: LogWindow, last: dict) -> dict:
     return logs
 
 def _log_event(self, event: str, **info):
-    if self.is_main: self.run.append_metrics({'kind': 'event', 'step': self.step, 'event': event, 'time': time.time(), **info})
+    if self.is_main:
+        self.run.append_metrics({'kind': 'event', 'step': self.step, 'event': event, 'time': time.time(), **info})
 
 Trainer.log_keys, Trainer.log_line, Trainer.log_event = _log_keys, _log_line, _log_event
 
@@ -546,7 +560,8 @@ def _save_samples(self) -> Path | None:
     if not self.is_main: return None
     imgs = self.sample_images(self.cfg.sample.grid_size)
     k = self.sampling_model.num_classes   # class-conditional: labels cycle over classes, so one class per column
-    path = save_image_grid(imgs, self.run.samples_dir / f'step-{self.step:07d}.png', nrow=k if 0 < k <= len(imgs) else None)
+    path = save_image_grid(imgs, self.run.samples_dir / f'step-{self.step:07d}.png',
+                           nrow=k if 0 < k <= len(imgs) else None)
     for cb in self.callbacks: cb.on_samples(self, imgs, path)
     return path
 
@@ -592,7 +607,7 @@ def _log_start(self):
         if self.is_main: self.run.truncate_metrics(self.step)
         self.log_event('resume', checkpoint=self.resumed_at)
         self.resumed_at = None
-    if self.step == 0:
+    elif self.step == 0:
         if self.is_main: self.run.truncate_metrics(0)       # a config-only folder (crashed before its first checkpoint)
         self.log_event('start', processes=self.acc.num_processes, device=str(self.device))
 
@@ -622,7 +637,8 @@ def _fit(self) -> 'Trainer':
             bar.update(1)
             logs = self.log_line(window, values) if self.due(tc.log_every) or self.step == tc.steps else None
             if logs is not None and self.is_main:
-                bar.set_postfix({k: f'{logs[k]:.4g}' for k in ('loss', 'img_per_s') if logs.get(k) is not None}, refresh=False)
+                bar.set_postfix({k: f'{logs[k]:.4g}' for k in ('loss', 'img_per_s') if logs.get(k) is not None},
+                                refresh=False)
             for cb in main_cbs:
                 cb.on_step_end(self, logs or {'step': self.step, **{k: float(v) for k, v in values.items()}})
             t0 = time.perf_counter()
@@ -635,7 +651,9 @@ def _fit(self) -> 'Trainer':
             self.save_samples()
             if self.cfg.eval.enabled: self.evaluate()
             self.log_event('end')
-        elif self.stop_requested: self.log_event('stopped')
+        elif self.stop_requested:                            # (asked before the first step: still a checkpoint)
+            if self.saved_step != self.step: self.save_checkpoint()
+            self.log_event('stopped')
     finally: bar.close()
     self.acc.wait_for_everyone()
     for cb in main_cbs: cb.on_train_end(self)

@@ -139,3 +139,17 @@ def test_the_diffusion_process_imports_no_network():
                         "print(sorted(m for m in sys.modules if m.startswith('sadm_lab.')))"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.stdout.strip() == "['sadm_lab.core', 'sadm_lab.diffusion']", r.stdout + r.stderr
+
+
+def test_notebooks_stay_literate():
+    "Code cells of the notebooks: lines of at most 120 characters, and no cell longer than 160 lines."
+    long_lines, big_cells = [], []
+    for nb in NBS.rglob('*.ipynb'):
+        if '.ipynb_checkpoints' in nb.parts: continue
+        for i, c in enumerate(json.loads(nb.read_text())['cells']):
+            if c['cell_type'] != 'code': continue
+            lines = ''.join(c['source']).split('\n')
+            long_lines += [f"{nb.relative_to(ROOT)} cell {i}: {len(l)} chars" for l in lines if len(l) > 120]
+            if len(lines) > 160: big_cells.append(f"{nb.relative_to(ROOT)} cell {i}: {len(lines)} lines")
+    assert not long_lines, '\n'.join(long_lines[:20])
+    assert not big_cells, '\n'.join(big_cells)

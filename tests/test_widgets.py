@@ -94,6 +94,19 @@ def test_layout_umap_keeps_clusters_apart():
     assert gap > 1.5 * spread                     # two well separated clusters stay two clusters
 
 
+def test_umap_leaves_torchs_thread_count_alone():
+    "numba's first parallel call sets the calling thread's OpenMP count to every core; layout_umap undoes it."
+    pytest.importorskip('umap')
+    code = ("import torch; from sadm_lab.widgets import layout_umap, affinity_distance\n"
+            "before = torch.get_num_threads()\n"
+            "layout_umap(affinity_distance(torch.randn(24, 4, generator=torch.Generator().manual_seed(0))), k=4)\n"
+            "print(before, torch.get_num_threads())")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ['1', '1'], r.stdout
+
+
 def test_align_layout_is_least_squares_optimal():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(15, 2)), rng.normal(size=(15, 2))
@@ -220,6 +233,27 @@ def test_dashboard_stop_button_ends_training_with_a_checkpoint_and_resume_is_exa
     tr = Trainer(get_config('smoke', ['train.steps=100000', 'train.log_every=2', 'train.ckpt_every=100000', 'eval.enabled=false']),
                  tmp_path / 'run', resume=True, progress=False)
     assert tr.step == step
+
+
+def test_stopping_and_starting_again_at_once_resumes_exactly(tmp_path):
+    "The stop/start race: Stop, then train again at once, three times over (some stops land before a single step)."
+    from sadm_lab.core import SadmError
+    cfg = get_config('smoke', ['train.steps=16', 'train.log_every=4', 'train.ckpt_every=100', 'eval.enabled=false',
+                               'train.sample_every=0'])
+    ref = Trainer(cfg, tmp_path / 'ref', progress=False).fit()
+    dash = TrainingDashboard(refresh_s=0.0)
+    dash.train(cfg, tmp_path / 'r')
+    with pytest.raises(SadmError, match='busy'): dash.train(cfg, tmp_path / 'r')    # not asked to stop: refused
+    for pause in (0.0, 0.05, 0.2):
+        time.sleep(pause)
+        dash.stop()
+        dash.train(cfg, tmp_path / 'r', resume=True)   # waits for the stopping thread, then resumes its checkpoint
+    assert dash.wait(120)
+    events = [r['event'] for r in RunDir(tmp_path / 'r').read_metrics() if r.get('kind') == 'event']
+    assert events[0] == 'start' and events[-1] == 'end' and events.count('resume') == events.count('stopped') >= 1
+    assert dash.trainer.step == 16 and dash.stop_button.disabled and 'finished at step 16' in dash.status.value
+    for k, v in ref.unwrapped.state_dict().items(): assert torch.equal(v, dash.trainer.unwrapped.state_dict()[k]), k
+    assert torch.get_num_threads() >= 1
 
 
 def test_dashboard_reports_errors(tmp_path):

@@ -10,12 +10,14 @@ from typing import Callable, NamedTuple
 import torch.nn as nn
 
 from ..core import ConfigError
-from .layers import count_params, flops_per_forward, patchify, unpatchify, gather_tokens, split_token_channels
+from .layers import (count_params, flops_per_forward, patchify, unpatchify, gather_tokens,
+                                    split_token_channels)
 from .dit import DiT, DiT_models
 from .uvit import UViT, UViT_models
 from .maskdit import MaskDiT, MaskDiT_models
 
-_all_ = ['DiT', 'DiT_models', 'UViT', 'UViT_models', 'MaskDiT', 'MaskDiT_models', 'count_params', 'flops_per_forward', 'patchify', 'unpatchify', 'gather_tokens', 'split_token_channels']
+_all_ = ['DiT', 'DiT_models', 'UViT', 'UViT_models', 'MaskDiT', 'MaskDiT_models', 'count_params', 'flops_per_forward',
+         'patchify', 'unpatchify', 'gather_tokens', 'split_token_channels']
 
 # %% auto #0
 __all__ = ['MODELS', 'ModelFamily', 'family_of', 'build_model', 'DiT', 'DiT_models', 'UViT', 'UViT_models', 'MaskDiT',

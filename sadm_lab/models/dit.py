@@ -76,7 +76,8 @@ class DiT(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self):
-        "Official DiT init: xavier-uniform linears (and patch conv viewed as a linear), N(0, 0.02) embeddings, zeroed adaLN and output layers."
+        """Official DiT init: xavier-uniform linears (and patch conv viewed as a linear), N(0, 0.02) embeddings, zeroed
+        adaLN and output layers."""
         def _basic(m):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -89,7 +90,8 @@ class DiT(nn.Module):
         if exists(self.y_embedder): nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for m in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+        fl = self.final_layer
+        for m in [b.adaLN_modulation[-1] for b in self.blocks] + [fl.adaLN_modulation[-1], fl.linear]:
             nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,14 +107,17 @@ class DiT(nn.Module):
         c = self.t_embedder(t)
         if exists(self.y_embedder):
             if y is None:
-                if self.null_class is None: raise ValueError("this class-conditional DiT has no null class (class_dropout_prob=0): pass labels y")
+                if self.null_class is None:
+                    raise ValueError("this class-conditional DiT has no null class (class_dropout_prob=0): pass labels "
+                                     "y")
                 y = torch.full((t.shape[0],), self.null_class, dtype=torch.long, device=t.device)
             c = c + self.y_embedder(y)
         return c
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 keep_idx: torch.Tensor | None = None) -> torch.Tensor:
-        "x (B, C, H, W), t (B,), y (B,) or None, keep_idx (B, N_keep) or None -> image (B, out_channels, H, W) or tokens (B, N_keep, p*p*out_channels)."
+        """x (B, C, H, W), t (B,), y (B,) or None, keep_idx (B, N_keep) or None -> image (B, out_channels, H, W) or
+        tokens (B, N_keep, p*p*out_channels)."""
         h = self.x_embedder(x) + self.pos_embed                 # positions added to ALL tokens ...
         if exists(keep_idx): h = gather_tokens(h, keep_idx)     # ... before dropping, so kept tokens keep them
         c = self.embed_condition(t, y)
@@ -121,7 +126,8 @@ class DiT(nn.Module):
         return h if exists(keep_idx) else self.unpatchify(h)
 
     def flops_per_forward(self, num_tokens: int | None = None) -> int:
-        "Multiply-accumulates per image of one forward on `num_tokens` patch tokens (default: all); see `flops_per_forward`."
+        """Multiply-accumulates per image of one forward on `num_tokens` patch tokens (default: all); see
+        `flops_per_forward`."""
         n = self.num_patches if num_tokens is None else num_tokens
         d, p = self.hidden_size, self.patch_size
         macs = n * self.in_channels * p * p * d                                  # patch embedding

@@ -20,7 +20,8 @@ __all__ = ['split_token_channels', 'PatchEmbed', 'Attention', 'Mlp', 'timestep_e
 
 # %% ../../nbs/api/04a_models.layers.ipynb #2f2130d4
 def split_token_channels(x: torch.Tensor, patch_size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    "Split tokens (B, N, p*p*C_out) into the first `channels` channels (B, N, p*p*channels) and the rest (B, N, p*p*(C_out-channels))."
+    """Split tokens (B, N, p*p*C_out) into the first `channels` channels (B, N, p*p*channels) and the rest (B, N,
+    p*p*(C_out-channels))."""
     B, N, D = x.shape
     x = x.reshape(B, N, patch_size * patch_size, D // (patch_size * patch_size))
     return x[..., :channels].reshape(B, N, -1), x[..., channels:].reshape(B, N, -1)
@@ -28,9 +29,11 @@ def split_token_channels(x: torch.Tensor, patch_size: int, channels: int) -> tup
 # %% ../../nbs/api/04a_models.layers.ipynb #90b5f88b
 class PatchEmbed(nn.Module):
     "Image -> patch tokens with a p×p stride-p convolution (ViT, Dosovitskiy et al. 2021); keys `proj.weight/bias`."
-    def __init__(self, input_size: int = 32, patch_size: int = 2, in_chans: int = 4, embed_dim: int = 768, bias: bool = True):
+    def __init__(self, input_size: int = 32, patch_size: int = 2, in_chans: int = 4, embed_dim: int = 768,
+                 bias: bool = True):
         super().__init__()
-        if input_size % patch_size: raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.input_size, self.patch_size = input_size, patch_size
         self.grid_size = input_size // patch_size
         self.num_patches = self.grid_size ** 2
@@ -58,7 +61,8 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
     "Transformer MLP: fc1 -> GELU -> fc2 (DiT uses the tanh approximation of GELU, U-ViT the exact one)."
-    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None, *, approximate: str = 'tanh'):
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None, *,
+                 approximate: str = 'tanh'):
         super().__init__()
         hidden_features, out_features = hidden_features or in_features, out_features or in_features
         self.fc1 = nn.Linear(in_features, hidden_features)
@@ -70,7 +74,8 @@ class Mlp(nn.Module):
 
 # %% ../../nbs/api/04a_models.layers.ipynb #1ede7025
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.) -> torch.Tensor:
-    "Sinusoidal features of (possibly fractional) timesteps t (B,) -> (B, dim): [cos(t·f_i), sin(t·f_i)], f_i = max_period^(-i/half)."
+    """Sinusoidal features of (possibly fractional) timesteps t (B,) -> (B, dim): [cos(t·f_i), sin(t·f_i)], f_i =
+    max_period^(-i/half)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
@@ -83,14 +88,16 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         # features in the weights' dtype, so the module also works in float64 / bf16
         return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
 
 class LabelEmbedder(nn.Module):
-    "Class-label table with a null-class row `num_classes` when `dropout_prob > 0` (for CFG); never drops labels itself."
+    """Class-label table with a null-class row `num_classes` when `dropout_prob > 0` (for CFG); never drops labels
+    itself."""
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float = 0.1):
         super().__init__()
         self.num_classes, self.dropout_prob = num_classes, dropout_prob
@@ -118,7 +125,8 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | tuple[int, int]) ->
 
 # %% ../../nbs/api/04a_models.layers.ipynb #78a8b222
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    "adaLN: x·(1 + scale) + shift with per-sample (B, D) shift/scale broadcast over tokens (DiT, Peebles & Xie 2023 §3.2)."
+    """adaLN: x·(1 + scale) + shift with per-sample (B, D) shift/scale broadcast over tokens (DiT, Peebles & Xie 2023
+    §3.2)."""
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 # %% ../../nbs/api/04a_models.layers.ipynb #f1bf41a9
@@ -127,10 +135,13 @@ def count_params(model: nn.Module, *, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 def transformer_block_macs(n_tokens: int, width: int, mlp_ratio: float = 4.0) -> int:
-    "MACs per image of one transformer block on n tokens: qkv + proj (4·N·D²), MLP (2·N·D·rD), attention scores and values (2·N²·D)."
-    return 4 * n_tokens * width * width + 2 * n_tokens * width * int(width * mlp_ratio) + 2 * n_tokens * n_tokens * width
+    """MACs per image of one transformer block on n tokens: qkv + proj (4·N·D²), MLP (2·N·D·rD), attention scores and
+    values (2·N²·D)."""
+    proj, mlp = 4 * n_tokens * width * width, 2 * n_tokens * width * int(width * mlp_ratio)
+    return proj + mlp + 2 * n_tokens ** 2 * width            # + attention scores and their weighted sum
 
 def flops_per_forward(model: nn.Module, *, num_tokens: int | None = None) -> int:
     "Multiply-accumulates per image of one forward of a DiT/UViT on `num_tokens` kept patch tokens (default: all)."
-    if not hasattr(model, 'flops_per_forward'): raise TypeError(f"{type(model).__name__} has no flops_per_forward method")
+    if not hasattr(model, 'flops_per_forward'):
+        raise TypeError(f"{type(model).__name__} has no flops_per_forward method")
     return model.flops_per_forward(num_tokens=num_tokens)

@@ -23,7 +23,8 @@ def conditioned_on(module: nn.Module, cond_dim: int) -> nn.Module:
     return module
 
 class DecoderLayer(nn.Module):
-    "Encoder width -> decoder width: adaLN-modulated LayerNorm + linear (MaskDiT's `DecoderLayer`; keys linear, adaLN_modulation.1)."
+    """Encoder width -> decoder width: adaLN-modulated LayerNorm + linear (MaskDiT's `DecoderLayer`; keys linear,
+    adaLN_modulation.1)."""
     def __init__(self, hidden_size: int, decoder_hidden_size: int):
         super().__init__()
         self.norm_decoder = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -35,14 +36,16 @@ class DecoderLayer(nn.Module):
         return self.linear(modulate(self.norm_decoder(x), shift, scale))
 
 def scatter_tokens(x: torch.Tensor, keep_idx: torch.Tensor, fill: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    "Inverse of `gather_tokens`: x (B, N_keep, D) back to positions keep_idx in a (B, num_tokens, D) grid filled with `fill` (D,) elsewhere."
+    """Inverse of `gather_tokens`: x (B, N_keep, D) back to positions keep_idx in a (B, num_tokens, D) grid filled with
+    `fill` (D,) elsewhere."""
     B, _, D = x.shape
     grid = fill.reshape(1, 1, D).to(x.dtype).expand(B, num_tokens, D)
     return grid.scatter(1, keep_idx.long().unsqueeze(-1).expand(-1, -1, D), x)   # out of place: grads reach x and fill
 
 # %% ../../nbs/api/04d_models.maskdit.ipynb #203d4871
 class MaskDiT(DiT):
-    "MaskDiT (Zheng et al. 2023): DiT encoder on visible tokens + mask token + light adaLN-Zero decoder over all tokens; `forward(x, t, y=None, keep_idx=None)`."
+    """MaskDiT (Zheng et al. 2023): DiT encoder on visible tokens + mask token + light adaLN-Zero decoder over all
+    tokens; `forward(x, t, y=None, keep_idx=None)`."""
     returns_all_tokens = True               # a keep_idx call returns every token (see `sadm_lab.masking.TokenView`)
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
@@ -50,47 +53,59 @@ class MaskDiT(DiT):
                  decoder_hidden_size: int = 512, decoder_num_heads: int = 16):
         super().__init__(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
                          class_dropout_prob, num_classes, learn_sigma)
-        self.decoder_depth, self.decoder_hidden_size, self.decoder_num_heads = decoder_depth, decoder_hidden_size, decoder_num_heads
+        self.decoder_depth, self.decoder_hidden_size = decoder_depth, decoder_hidden_size
+        self.decoder_num_heads = decoder_num_heads
         dd = decoder_hidden_size
         self.decoder_layer = DecoderLayer(hidden_size, dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, dd), requires_grad=False)
         self.decoder_blocks = nn.ModuleList([conditioned_on(DiTBlock(dd, decoder_num_heads, mlp_ratio), hidden_size)
                                              for _ in range(decoder_depth)])
-        self.final_layer = conditioned_on(FinalLayer(dd, patch_size, self.out_channels), hidden_size)  # the head reads the decoder
+        # the head reads the decoder
+        self.final_layer = conditioned_on(FinalLayer(dd, patch_size, self.out_channels), hidden_size)
         self.initialize_weights()
 
     @torch.no_grad()
     def initialize_weights(self):
-        "DiT's init for the encoder and head, then the decoder: sin-cos positions, zeroed adaLN and decoder embedding, mask token ~ N(0, 0.02)."
-        if not hasattr(self, 'mask_token'): return   # called by DiT.__init__ before the decoder exists; MaskDiT calls it again
+        """DiT's init for the encoder and head, then the decoder: sin-cos positions, zeroed adaLN and decoder embedding,
+        mask token ~ N(0, 0.02)."""
+        # called by DiT.__init__ before the decoder exists; MaskDiT calls it again
+        if not hasattr(self, 'mask_token'): return
         super().initialize_weights()                 # xavier everywhere, zeroed encoder adaLN and final layer
-        self.decoder_pos_embed.copy_(get_2d_sincos_pos_embed(self.decoder_hidden_size, self.input_size // self.patch_size)[None])
+        self.decoder_pos_embed.copy_(get_2d_sincos_pos_embed(self.decoder_hidden_size,
+                                                             self.input_size // self.patch_size)[None])
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in [b.adaLN_modulation[-1] for b in self.decoder_blocks] + [self.decoder_layer.adaLN_modulation[-1], self.decoder_layer.linear]:
+        dec = self.decoder_layer
+        for m in [b.adaLN_modulation[-1] for b in self.decoder_blocks] + [dec.adaLN_modulation[-1], dec.linear]:
             nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 keep_idx: torch.Tensor | None = None) -> torch.Tensor:
-        "x (B, C, H, W), t (B,), y (B,) or None, keep_idx (B, N_keep) or None -> image (B, out_channels, H, W), or with keep_idx ALL tokens (B, N, p*p*out_channels)."
+        """x (B, C, H, W), t (B,), y (B,) or None, keep_idx (B, N_keep) or None -> image (B, out_channels, H, W), or
+        with keep_idx ALL tokens (B, N, p*p*out_channels)."""
         h = self.x_embedder(x) + self.pos_embed                   # positions added to ALL tokens ...
-        if exists(keep_idx): h = gather_tokens(h, keep_idx)       # ... before dropping (encoder sees visible tokens only)
+        # ... before dropping (encoder sees visible tokens only)
+        if exists(keep_idx): h = gather_tokens(h, keep_idx)
         c = self.embed_condition(t, y)
         for block in self.blocks: h = block(h, c)
         h = self.decoder_layer(h, c)                              # to the decoder width
-        if exists(keep_idx): h = scatter_tokens(h, keep_idx, self.mask_token, self.num_patches)   # mask tokens fill the gaps
+        # mask tokens fill the gaps
+        if exists(keep_idx): h = scatter_tokens(h, keep_idx, self.mask_token, self.num_patches)
         h = h + self.decoder_pos_embed                            # decoder positions on every token
         for block in self.decoder_blocks: h = block(h, c)
         h = self.final_layer(h, c)                                # (B, N, p*p*out_channels)
         return h if exists(keep_idx) else self.unpatchify(h)
 
     def flops_per_forward(self, num_tokens: int | None = None) -> int:
-        "Multiply-accumulates per image: the encoder on `num_tokens` (default: all) tokens, the decoder always on all N."
+        """Multiply-accumulates per image: the encoder on `num_tokens` (default: all) tokens, the decoder always on all
+        N."""
         n, N = (self.num_patches if num_tokens is None else num_tokens), self.num_patches
         d, dd, p = self.hidden_size, self.decoder_hidden_size, self.patch_size
-        macs = n * self.in_channels * p * p * d + self.t_embedder.frequency_embedding_size * d + d * d   # patch + time embedding
+        # patch + time embedding
+        macs = n * self.in_channels * p * p * d + self.t_embedder.frequency_embedding_size * d + d * d
         macs += self.depth * (transformer_block_macs(n, d, self.mlp_ratio) + d * 6 * d)                  # encoder
-        macs += d * 2 * d + n * d * dd                                                                   # decoder embedding
+        # decoder embedding
+        macs += d * 2 * d + n * d * dd
         macs += self.decoder_depth * (transformer_block_macs(N, dd, self.mlp_ratio) + d * 6 * dd)        # decoder
         macs += d * 2 * dd + N * dd * p * p * self.out_channels                                         # head
         return macs
@@ -107,4 +122,5 @@ def _maskdit_preset(size: str, patch_size: int):
     make.__doc__ = f"MaskDiT-{size}/{patch_size}: {base}; kwargs override."
     return make
 
-MaskDiT_models = {f'MaskDiT-{s}/{p}': _maskdit_preset(s, p) for s, ps in [('XL', [2]), ('S', [2, 4]), ('T', [1, 2, 4])] for p in ps}
+MaskDiT_models = {f'MaskDiT-{s}/{p}': _maskdit_preset(s, p) for s,
+                  ps in [('XL', [2]), ('S', [2, 4]), ('T', [1, 2, 4])] for p in ps}

@@ -48,7 +48,8 @@ class UViT(nn.Module):
 
         self.patch_embed = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.num_patches = self.patch_embed.num_patches
-        self.time_embed = (nn.Sequential(nn.Linear(hidden_size, 4 * hidden_size), nn.SiLU(), nn.Linear(4 * hidden_size, hidden_size))
+        self.time_embed = (nn.Sequential(nn.Linear(hidden_size, 4 * hidden_size), nn.SiLU(),
+                                         nn.Linear(4 * hidden_size, hidden_size))
                            if mlp_time_embed else nn.Identity())
         self.label_emb = nn.Embedding(num_classes + 1, hidden_size) if num_classes > 0 else None
         self.extras = 1 + int(num_classes > 0)                  # time (+ class) tokens, never dropped
@@ -88,8 +89,10 @@ class UViT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 keep_idx: torch.Tensor | None = None) -> torch.Tensor:
-        "x (B, C, H, W), t (B,), y (B,) or None, keep_idx (B, N_keep) or None -> image (B, out_channels, H, W) or tokens (B, N_keep, p*p*out_channels)."
-        if exists(keep_idx) and self.conv: raise ValueError("UViT(conv=True) cannot return per-token outputs: use conv=False with keep_idx")
+        """x (B, C, H, W), t (B,), y (B,) or None, keep_idx (B, N_keep) or None -> image (B, out_channels, H, W) or
+        tokens (B, N_keep, p*p*out_channels)."""
+        if exists(keep_idx) and self.conv:
+            raise ValueError("UViT(conv=True) cannot return per-token outputs: use conv=False with keep_idx")
         E = self.extras
         h = self.patch_embed(x) + self.pos_embed[:, E:]                # positions added to ALL patch tokens ...
         if exists(keep_idx): h = gather_tokens(h, keep_idx)             # ... before dropping, so kept ones keep theirs
@@ -107,7 +110,8 @@ class UViT(nn.Module):
         return h if exists(keep_idx) else self.final_layer(self.unpatchify(h))
 
     def flops_per_forward(self, num_tokens: int | None = None) -> int:
-        "Multiply-accumulates per image of one forward on `num_tokens` patch tokens (default: all); see `flops_per_forward`."
+        """Multiply-accumulates per image of one forward on `num_tokens` patch tokens (default: all); see
+        `flops_per_forward`."""
         n = self.num_patches if num_tokens is None else num_tokens
         d, p, L = self.hidden_size, self.patch_size, self.extras + n
         macs = n * self.in_channels * p * p * d                                   # patch embedding
