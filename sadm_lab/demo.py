@@ -48,6 +48,7 @@ def stage_table(recs: list[dict], schedule: Schedule) -> list[dict]:
                      'eval': ev[-1] if ev else None, 'heldout_struct_pixels': held[-1] if held else None})
     return rows
 
+# %% ../nbs/api/09_demo.ipynb #ca3805e3
 def _range(v, fmt='g'):
     return '–' if v is None else (f"{v[0]:{fmt}}" if v[0] == v[1] else f"{v[0]:{fmt}} → {v[1]:{fmt}}")
 

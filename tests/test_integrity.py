@@ -142,7 +142,7 @@ def test_the_diffusion_process_imports_no_network():
 
 
 def test_notebooks_stay_literate():
-    "Code cells of the notebooks: lines of at most 120 characters, and no cell longer than 160 lines."
+    "Code cells of the notebooks: lines of at most 120 characters, and no cell longer than 150 lines."
     long_lines, big_cells = [], []
     for nb in NBS.rglob('*.ipynb'):
         if '.ipynb_checkpoints' in nb.parts: continue
@@ -150,6 +150,6 @@ def test_notebooks_stay_literate():
             if c['cell_type'] != 'code': continue
             lines = ''.join(c['source']).split('\n')
             long_lines += [f"{nb.relative_to(ROOT)} cell {i}: {len(l)} chars" for l in lines if len(l) > 120]
-            if len(lines) > 160: big_cells.append(f"{nb.relative_to(ROOT)} cell {i}: {len(lines)} lines")
+            if len(lines) > 150: big_cells.append(f"{nb.relative_to(ROOT)} cell {i}: {len(lines)} lines")
     assert not long_lines, '\n'.join(long_lines[:20])
     assert not big_cells, '\n'.join(big_cells)
