@@ -75,7 +75,7 @@ def fit_run(cfg, run_dir: Path, *, progress: bool = False, evaluate: bool = True
     seconds and whether it was resumed."""
     from sadm_lab.train import Trainer, training_clock
     run_dir = Path(run_dir)
-    tr = Trainer(cfg, run_dir, resume=True if (run_dir / 'config.json').is_file() else None, progress=progress)
+    tr = Trainer(cfg, run_dir, resume=None, progress=progress)      # resume if it can, start if it has no checkpoint
     if not any(r.get('event') == 'end' for r in tr.run.read_metrics()):
         if evaluate: tr.evaluator()
         tr.fit()

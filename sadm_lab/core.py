@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/00_core.ipynb #33277556
 from __future__ import annotations
-import os, json, math, random, resource, sys, tempfile, threading, contextlib
+import os, json, math, random, resource, sys, tempfile, contextlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -107,23 +107,16 @@ def seeded(seed: int):
         yield
 
 # %% ../nbs/api/00_core.ipynb #2230aa4e
-_THREADS = {'lock': threading.Lock(), 'depth': 0, 'saved': None}
-
 @contextlib.contextmanager
 def torch_threads(n: int | None):
-    "Run the body with torch's intra-op thread count at `n` (None: unchanged); see above."
+    "Run the body with torch's intra-op thread count at `n` in this thread (None: unchanged); see above."
     if n is None:
         yield
         return
-    with _THREADS['lock']:
-        if _THREADS['depth'] == 0: _THREADS['saved'] = torch.get_num_threads()
-        _THREADS['depth'] += 1
-        torch.set_num_threads(n)
+    saved = torch.get_num_threads()                  # this thread's own count (nested blocks each restore theirs)
+    torch.set_num_threads(n)
     try: yield
-    finally:
-        with _THREADS['lock']:
-            _THREADS['depth'] -= 1
-            if _THREADS['depth'] == 0: torch.set_num_threads(_THREADS['saved'])
+    finally: torch.set_num_threads(saved)
 
 # %% ../nbs/api/00_core.ipynb #f1170eda
 def sync(device) -> None:

@@ -350,11 +350,15 @@ def _prepare_run_dir(self, resume) -> Path | None:
     return None
 
 def _resolve_schedule(self, schedule: Schedule | None) -> Schedule:
-    "The given schedule, else the run folder's (on resume), else the config's; a resumed run must keep its own."
-    saved = self.run.read_schedule(self.cfg.train.steps) if self.resume_from is not None else None
-    if saved is not None and schedule is not None and saved != schedule:
-        raise ConfigError(f"cannot resume {self.run.path} with another schedule: it was trained with\n"
-                          f"{saved.describe()}\nnot\n{schedule.describe()}")
+    """The given schedule, else the run folder's, else the config's, always ending at `train.steps`; a run that has
+    a checkpoint must keep its own."""
+    total = self.cfg.train.steps
+    saved = self.run.read_schedule(total) if self.run.config_path.is_file() else None
+    if schedule is not None:
+        schedule = Schedule(schedule.stages, total)       # a resume reads it back with train.steps: the same run
+        if saved is not None and saved != schedule and self.resume_from is not None:
+            raise ConfigError(f"cannot resume {self.run.path} with another schedule: it was trained with\n"
+                              f"{saved.describe()}\nnot\n{schedule.describe()}")
     return schedule or saved or build_schedule(self.cfg)
 
 def _write_run_files(self):
@@ -612,7 +616,9 @@ def _log_start(self):
         self.log_event('start', processes=self.acc.num_processes, device=str(self.device))
 
 def _agree_to_stop(self) -> bool:
-    "Whether any process was asked to stop (callbacks run on the main process only; every rank must stop together)."
+    """Whether any process was asked to stop: callbacks run on the main process only and `request_stop` may come from
+    any thread, so every rank calls this at the same points of `fit` and all stop together (no rank waits alone in a
+    collective)."""
     if self.acc.num_processes > 1:
         flag = torch.tensor(float(self.stop_requested), device=self.device)
         self.stop_requested = bool(self.acc.reduce(flag, reduction='sum') > 0)
@@ -629,10 +635,10 @@ def _fit(self) -> 'Trainer':
     bar = tqdm(total=tc.steps, initial=self.step, disable=not (self.progress and self.is_main), desc=self.cfg.name,
                unit='step', dynamic_ncols=True)
     window = LogWindow(self.log_keys())
+    stop = self.agree_to_stop()                         # (a stop asked before the first step)
     try:
-        while self.step < tc.steps and not self.stop_requested:
+        while self.step < tc.steps and not stop:
             values = self.train_step()
-            self.agree_to_stop()
             window.add(values, images=tc.batch_size)
             bar.update(1)
             logs = self.log_line(window, values) if self.due(tc.log_every) or self.step == tc.steps else None
@@ -641,12 +647,14 @@ def _fit(self) -> 'Trainer':
                                 refresh=False)
             for cb in main_cbs:
                 cb.on_step_end(self, logs or {'step': self.step, **{k: float(v) for k, v in values.items()}})
+            stop = self.agree_to_stop()                 # after the callbacks: every rank decides together
             t0 = time.perf_counter()
-            if self.stop_requested or self.step == tc.steps or self.due(tc.ckpt_every): self.save_checkpoint()
+            if stop or self.step == tc.steps or self.due(tc.ckpt_every): self.save_checkpoint()
             if self.due(tc.sample_every) and self.step != tc.steps: self.save_samples()
             if self.due(tc.eval_every) and self.step != tc.steps: self.evaluate()
             if self.due(tc.sample_every) or self.due(tc.eval_every): self.acc.wait_for_everyone()
             window.pause(time.perf_counter() - t0)
+        self.agree_to_stop()                            # (a stop asked by a checkpoint's or an evaluation's callback)
         if self.step == tc.steps and not self.stop_requested:
             self.save_samples()
             if self.cfg.eval.enabled: self.evaluate()

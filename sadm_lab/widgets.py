@@ -334,17 +334,20 @@ def _new_batch(self, seed: int | None = None):
     if seed is not None: self.seed = seed
     self._draw_batch(); self.refresh()
 
-def _compute(self, *, t: int, space: str, kind: str, k: int, **_) -> dict:
-    "`batch_structure` of the current batch at timestep `t` (also what the widget shows); no UI involved."
-    y = self.y if getattr(self.model, 'num_classes', 0) else None
-    x0_hat = denoise_batch(self.model, self.diffusion, self.x0, t, y=y, seed=self.seed)
-    res = batch_structure(self.x0, x0_hat, self.feature_space(space), kind=kind, tau=self.tau, k=k, t=t)
-    res.update(x0=self.x0, x0_hat=x0_hat, labels=self.y, t=t, space=space, layout_kind='pca')
+def _compute(self, *, t: int, space: str, kind: str, k: int, batch: tuple | None = None, **_) -> dict:
+    """`batch_structure` of a batch (x0, labels, seed) — the current one by default — at timestep `t` (also what the
+    widget shows); no UI involved."""
+    x0, labels, seed = batch or (self.x0, self.y, self.seed)
+    y = labels if getattr(self.model, 'num_classes', 0) else None
+    x0_hat = denoise_batch(self.model, self.diffusion, x0, t, y=y, seed=seed)
+    res = batch_structure(x0, x0_hat, self.feature_space(space), kind=kind, tau=self.tau, k=k, t=t)
+    res.update(x0=x0, x0_hat=x0_hat, labels=labels, t=t, space=space, layout_kind='pca', seed=seed)
     return res
 
 def _refresh(self):
-    "Recompute for the current control values on the worker thread (PCA first, then UMAP if chosen)."
-    s = self.settings
+    """Recompute for the current control values and batch on the worker thread (PCA first, then UMAP if chosen); the
+    job gets a snapshot of both, so a new batch drawn meanwhile never mixes with the job's."""
+    s = dict(self.settings, batch=(self.x0, self.y, self.seed))
     self._status(f"computing the structure at t = {s['t']} in {s['space']} space…"
                  + (" (Inception: ~0.1 s per image on a CPU)" if s['space'] == 'inception' else ''))
     return self._worker.submit(self._job, s)
@@ -366,12 +369,12 @@ def _job_inner(self, s: dict, *, is_current):
     if s['layout'] == 'umap':
         self._status("PCA shown while UMAP computes"
                      + ("" if umap_ready() else " (first UMAP in this kernel compiles numba code: ~20 s)") + "…")
-        key = (self.seed, s['t'], s['space'], s['kind'], s['k'])
+        key = (res['seed'], s['t'], s['space'], s['kind'], s['k'])
         xy = self._umap_cache.get(key)
         if xy is None:
             warm = warm_up_umap()
             if warm is not None: warm.join()             # one numba compilation, not two at once
-            xy = layout_umap(res['dist'], k=res['k'], seed=self.seed)
+            xy = layout_umap(res['dist'], k=res['k'], seed=res['seed'])
             self._umap_cache[key] = xy
         if not is_current(): return
         self._show(dict(res, layout=align_layout(xy, res['layout']), layout_kind='umap'))
@@ -888,6 +891,7 @@ def _train(self, cfg_or_trainer, run_dir=None, *, wait_s: float = 300, **trainer
     self._follow_stop.clear()
     if isinstance(cfg_or_trainer, Trainer):
         trainer = cfg_or_trainer
+        trainer.stop_requested = False                  # (a trainer stopped before trains again)
         if self not in trainer.callbacks: trainer.callbacks.append(self)
     else:
         if run_dir is None: raise ConfigError("train(cfg, run_dir): a run folder is needed")

@@ -122,6 +122,14 @@ def test_two_processes_through_accelerate_hold_identical_weights(tmp_path, launc
     assert start and start[0]['processes'] == 2
 
 
+def test_a_stop_asked_on_the_main_process_stops_every_rank(tmp_path, launch_two_processes):
+    "A callback's stop (main process only) is agreed by both ranks: no rank is left waiting in a collective."
+    r0, r1 = (torch.load(o, weights_only=True) for o in launch_two_processes(Path(__file__).parent / 'ddp_stop_worker.py',
+                                                                             tmp_path))
+    assert r0 == r1 == {'begin': {'step': 0, 'checkpoint': 'ckpt-0000000.pt'},
+                        'step': {'step': 3, 'checkpoint': 'ckpt-0000003.pt'}}
+
+
 def test_bad_data_leaves_no_run_folder(tmp_path):
     from sadm_lab.core import DataError
     empty = tmp_path / 'empty'; empty.mkdir()
@@ -320,6 +328,9 @@ def test_a_hand_written_schedule_trains_resumes_and_reports(tmp_path):
     assert '- **plain again**, steps 7–8: dsm.' in write_report(tmp_path / 'full').read_text()
     with pytest.raises(ConfigError, match='another schedule'):
         Trainer(cfg, tmp_path / 'part', resume=True, schedule=Schedule(window.stages[:2], 8), progress=False)
+    # a schedule written for another length ends at train.steps, so a resume (which reads it back so) is the same run
+    short = Trainer(cfg, tmp_path / 'short', schedule=Schedule(window.stages, 5), progress=False)
+    assert short.schedule.total_steps == 8 and short.schedule == window
     with pytest.raises(ConfigError, match='sadm.enabled'):                   # a stage needs what the config enables
         Trainer(_cfg('train.steps=8'), tmp_path / 'x', schedule=window, progress=False)
     assert not (tmp_path / 'x').exists()
