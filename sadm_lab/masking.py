@@ -14,7 +14,7 @@ from .diffusion import take_channels
 # %% auto #0
 __all__ = ['STRATEGIES', 'ANNEALS', 'token_grid', 'mask_to_keep_idx', 'keep_idx_to_mask', 'patchify', 'unpatchify',
            'gather_tokens', 'Masker', 'make_mask', 'visible_count', 'mask_ratio_schedule', 'mask_to_image',
-           'overlay_mask', 'TokenView', 'token_view']
+           'overlay_mask', 'TokenView', 'bare_network', 'token_view']
 
 # %% ../nbs/api/03a_masking.ipynb #f6985fa6
 def _pair(x, name: str) -> tuple[int, int]:
@@ -298,11 +298,15 @@ class TokenView:
         return (f"TokenView({self.num_visible} of {self.num_tokens} tokens visible per image, patch {self.patch_size}, "
                 f"all_tokens={self.all_tokens})")
 
+def bare_network(net):
+    "The network inside its `torch.compile` and DDP wrappers (the object that carries the token-grid attributes)."
+    net = getattr(net, '_orig_mod', net)
+    return getattr(net, 'module', net)
+
 def token_view(net, keep_idx: torch.Tensor) -> TokenView | None:
     """The `TokenView` of `keep_idx` for the network `net` (or its DDP / compile wrapper); None when `keep_idx` keeps
     every token in order (mask ratio 0: the ordinary call)."""
-    net = getattr(net, '_orig_mod', net)
-    net = getattr(net, 'module', net)
+    net = bare_network(net)
     n = net.num_patches
     if keep_idx.shape[1] == n and torch.equal(keep_idx, torch.arange(n, device=keep_idx.device).expand_as(keep_idx)):
         return None

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 
 from .core import ConfigError, check_choice
-from .masking import ANNEALS, Masker, TokenView, token_grid, mask_ratio_schedule
+from .masking import ANNEALS, Masker, TokenView, bare_network, token_grid, mask_ratio_schedule
 
 # %% auto #0
 __all__ = ['LR_SCHEDULES', 'MicroBatch', 'Term', 'Objective', 'objective_step', 'Stage', 'lr_at', 'Schedule', 'build_schedule',
@@ -105,6 +105,9 @@ class Schedule:
         starts = [s.start for s in stages]
         if len(set(starts)) != len(starts): raise ConfigError(f"two stages start at the same step: {starts}")
         for s in stages:
+            if isinstance(s.objectives, str) or not all(isinstance(n, str) for n in s.objectives):
+                raise ConfigError(f"stage {s.name!r}: objectives must be a tuple of names, e.g. ('dsm',) or "
+                                  f"('dsm', 'sadm'), got {s.objectives!r}")
             if not s.objectives: raise ConfigError(f"stage {s.name!r} trains no objective")
             if s.warmup_steps < 0 or (s.lr is not None and not s.lr >= 0):
                 raise ConfigError(f"stage {s.name!r}: lr and warmup_steps must be >= 0")
@@ -187,16 +190,12 @@ class DSM(Objective):
         loss = out['loss'].float().mean()
         return Term(loss, {'loss': loss.detach()})
 
-def _unwrap(net):
-    net = getattr(net, '_orig_mod', net)
-    return getattr(net, 'module', net)
-
 class MaskedDSM(DSM):
     "MaskDM's masked DSM (Lei et al. 2023): each micro-batch hides tokens drawn by a `Masker`; DSM on the visible ones."
     name, masks = 'masked_dsm', True
     def __init__(self, net, *, strategy: str = 'patch', ratio: float | None = 0.5, block_size: int = 4,
                  crop_size: int | None = None, anneal: str = 'none'):
-        net = _unwrap(net)
+        net = bare_network(net)
         self.grid = token_grid(net.input_size, net.patch_size)
         self.patch_size, self.num_tokens = net.patch_size, net.num_patches
         self.all_tokens = bool(getattr(net, 'returns_all_tokens', False))
@@ -235,7 +234,7 @@ class MAETerm(Objective):
     name, log_keys = 'mae', ('mae',)
     def __init__(self, net, weight: float = 0.1):
         if not weight >= 0: raise ConfigError(f"the MAE weight must be >= 0, got {weight!r}")
-        net = _unwrap(net)
+        net = bare_network(net)
         if not getattr(net, 'returns_all_tokens', False):
             raise ConfigError(f"the MAE term needs a network that returns every token for a keep_idx call (MaskDiT); "
                               f"{type(net).__name__} returns the kept tokens only")

@@ -16,7 +16,8 @@ from .core import ConfigError, SadmError, check_choice, get_device, memory_now
 _all_ = ['memory_now']
 from .metrics import FEATURES, MissingDependencyError
 from .structure import AFFINITIES, affinity, structural_distance
-from .masking import STRATEGIES, Masker, token_grid, overlay_mask, token_view, patchify, unpatchify
+from .masking import (STRATEGIES, Masker, bare_network, token_grid, overlay_mask, token_view, patchify,
+                              unpatchify)
 from .viz import make_grid
 from .train import Callback, RunDir
 
@@ -519,7 +520,7 @@ ManifoldExplorer.select = _select
 def masked_prediction(model, diffusion, x0: torch.Tensor, keep_idx: torch.Tensor, t, *, y=None, seed: int = 0,
                       fill: float = 0.0) -> torch.Tensor:
     "Images (B, C, H, W): the model's x̂0 of the visible patches (`keep_idx`) of `x0` noised to `t`; masked = `fill`."
-    net = getattr(model, 'module', model)
+    net = bare_network(model)
     if not hasattr(net, 'patch_size'):
         raise ConfigError(f"{type(net).__name__} cannot run on visible tokens (no patch grid)")
     B, C, H, W = x0.shape
@@ -554,8 +555,7 @@ class MaskVisualiser:
         self.images = images[:n_images].float()
         self.labels = None if labels is None else labels[:n_images]
         self.model, self.diffusion = model, diffusion
-        self.patch_size = getattr(getattr(model, 'module', model), 'patch_size',
-                                  patch_size) if model is not None else patch_size
+        self.patch_size = getattr(bare_network(model), 'patch_size', patch_size) if model is not None else patch_size
         self.grid = token_grid(tuple(self.images.shape[-2:]), self.patch_size)
         self.seed, self.result = seed, None
         self._ui_lock = threading.RLock()                  # every write to the widget holds it
@@ -599,7 +599,7 @@ class MaskVisualiser:
                    overlay=overlay_mask(self.images, mask, self.patch_size, color=(-1.0, -0.2, 0.6), alpha=0.75))
         if self.model is not None:
             from sadm_lab.masking import mask_to_keep_idx
-            y = self.labels if getattr(getattr(self.model, 'module', self.model), 'num_classes', 0) else None
+            y = self.labels if getattr(bare_network(self.model), 'num_classes', 0) else None
             out['prediction'] = masked_prediction(self.model, self.diffusion, self.images, mask_to_keep_idx(mask),
                                                   s['t'], y=y, seed=self.seed)
         return out
