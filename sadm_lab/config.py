@@ -16,7 +16,8 @@ from .masking import STRATEGIES, ANNEALS
 from .metrics import FEATURES
 from .objectives import LR_SCHEDULES
 from .sample import SAMPLERS
-from .structure import AFFINITIES, OMEGAS, P_NORMS
+from .structure import AFFINITIES, OMEGAS, P_NORMS, VARIANTS
+from .structure_variants import OUTSIDE_ENCODERS
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'WEIGHTS', 'CHOICES', 'RANGES', 'PRESETS', 'RESUMABLE', 'DataConfig', 'ModelConfig', 'DiffusionConfig',
@@ -99,6 +100,15 @@ class SadmConfig:
     d_every: int = 1                     # discriminator updates every this many generator steps
     global_batch: bool = False           # under data parallelism: structure over the gathered global batch
     heldout_size: int = 64               # held-out images for the logged structure distance (0 = off)
+    # which structure objective (see sadm_lab.structure_variants and the stationarity check):
+    variant: str = 'literal'             # 'literal' (x0 vs x0-hat, biased), 'linear' (unbiased: linear encoder, dot
+                                         # affinity, p=2), 'samples' (MMD^2 of a short sampler's output against data),
+                                         # 'representation' (hidden tokens' structure vs a frozen outside encoder's)
+    sampler_steps: int = 4               # 'samples': DDIM steps of the differentiable sampler
+    grad_steps: int = 1                  # 'samples': gradients flow through the last this many of them
+    repr_layer: int = -1                 # 'representation': which transformer block's tokens (-1 = the middle one)
+    outside_encoder: str = 'classifier'  # 'representation': 'classifier' (trained on the data, cached; distinct from
+                                         # the FID classifier) or 'random' (a frozen random conv net, a control)
 
 @dataclass
 class TrainConfig:
@@ -168,14 +178,16 @@ CHOICES = {
     'mask.strategy': ('none',) + STRATEGIES, 'mask.anneal': ANNEALS,
     'train.init_weights': WEIGHTS, 'train.precision': PRECISIONS, 'train.lr_schedule': LR_SCHEDULES,
     'sample.sampler': tuple(SAMPLERS), 'eval.features': FEATURES,
-    'sadm.omega': OMEGAS, 'sadm.affinity': AFFINITIES, 'sadm.p': P_NORMS,
+    'sadm.omega': OMEGAS, 'sadm.affinity': AFFINITIES, 'sadm.p': P_NORMS, 'sadm.variant': VARIANTS,
+    'sadm.outside_encoder': OUTSIDE_ENCODERS,
 }
 _POSITIVE = ('diffusion.timesteps', 'diffusion.min_snr_gamma', 'train.steps', 'train.batch_size', 'train.grad_accum',
              'train.log_every', 'train.ckpt_every', 'train.keep_checkpoints', 'sample.steps', 'sample.grid_size',
              'sample.batch_size', 'eval.num_samples', 'data.resolution', 'data.max_images', 'model.hidden_size',
              'model.depth', 'model.num_heads', 'model.patch_size', 'model.mlp_ratio', 'mask.block_size',
              'mask.crop_size', 'mask.finetune_lr', 'sadm.tau', 'sadm.omega_cap', 'sadm.x0_clip', 'sadm.d_lr',
-             'sadm.encoder_dim', 'sadm.encoder_width', 'sadm.d_every')
+             'sadm.encoder_dim', 'sadm.encoder_width', 'sadm.d_every',
+             'sadm.sampler_steps', 'sadm.grad_steps')
 _NON_NEGATIVE = ('train.lr', 'train.warmup_steps', 'train.weight_decay', 'train.grad_clip', 'train.sample_every',
                  'train.eval_every', 'sample.eta', 'mask.pretrain_steps', 'mask.finetune_warmup_steps',
                  'mask.mae_weight',
@@ -229,6 +241,11 @@ def _cross_key_problems(cfg: RunConfig):
                "mask.pretrain_steps)")
     if sd.enabled and sd.start_step >= tc.steps:
         yield f"sadm.start_step={sd.start_step} is not before train.steps={tc.steps}: the term would never run"
+    if sd.grad_steps > sd.sampler_steps:
+        yield (f"sadm.grad_steps={sd.grad_steps} cannot exceed sadm.sampler_steps={sd.sampler_steps} (gradients flow "
+               "through the last grad_steps of the sampler's steps)")
+    if sd.sampler_steps > cfg.diffusion.timesteps:
+        yield f"sadm.sampler_steps={sd.sampler_steps} cannot exceed diffusion.timesteps={cfg.diffusion.timesteps}"
 
 def validate(cfg: RunConfig) -> RunConfig:
     "Check `cfg` against `CHOICES`, `RANGES` and the rules between keys; raise `ConfigError` naming every bad key."

@@ -262,10 +262,11 @@ def check_schedule(schedule: Schedule, objectives: dict) -> Schedule:
     return schedule
 
 def build_objectives(cfg, schedule: Schedule, *, net, diffusion, sample_shape, device='cpu', processes: int = 1,
-                     micro_batch: int | None = None, heldout=None) -> dict[str, Objective]:
+                     micro_batch: int | None = None, heldout=None, data=None) -> dict[str, Objective]:
     """name -> `Objective` for every objective `schedule` names, built from `cfg` (see above). `net`: the bare network;
     `sample_shape`: (C, H, W) of one image; `processes`, `micro_batch`: data parallelism and images per process and
-    micro-batch; `heldout`: a zero-argument function returning held-out data (`.images`, `.labels`) for SADM's logs."""
+    micro-batch; `heldout`: a zero-argument function returning held-out data (`.images`, `.labels`) for SADM's logs;
+    `data`: one returning the training data (the representation variant's outside classifier trains on it)."""
     make = {'dsm': lambda: DSM()}
     mc = cfg.mask
     if mc.strategy != 'none':
@@ -273,11 +274,11 @@ def build_objectives(cfg, schedule: Schedule, *, net, diffusion, sample_shape, d
                                                crop_size=mc.crop_size, anneal=mc.anneal)
     if mc.mae_weight > 0: make['mae'] = lambda: MAETerm(net, mc.mae_weight)
     if cfg.sadm.enabled:
-        from sadm_lab.structure import build_structure_game
-        make['sadm'] = lambda: build_structure_game(cfg.sadm, diffusion=diffusion, sample_shape=sample_shape,
+        from sadm_lab.structure_variants import build_sadm_objective
+        make['sadm'] = lambda: build_sadm_objective(cfg.sadm, net=net, diffusion=diffusion, sample_shape=sample_shape,
                                                     seed=cfg.train.seed, device=device, processes=processes,
                                                     micro_batch=micro_batch, d_grad_clip=cfg.train.grad_clip,
-                                                    heldout=heldout)
+                                                    heldout=heldout, data=data)
     unknown = [n for n in schedule.objective_names if n not in make]
     if unknown:
         raise ConfigError(f"the schedule trains {unknown}, which this config does not enable (available: "

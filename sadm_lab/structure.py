@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/11_structure.ipynb #44d4f474
 from __future__ import annotations
-import contextlib
+import contextlib, math
 
 import torch
 import torch.nn as nn
@@ -15,9 +15,10 @@ from .models.layers import timestep_embedding
 from .objectives import Objective, MicroBatch, Term, Stage
 
 # %% auto #0
-__all__ = ['AFFINITIES', 'P_NORMS', 'OMEGAS', 'ENCODER_SEED_OFFSET', 'StructureEncoder', 'affinity', 'structural_distance',
-           'frozen', 'discriminator_loss', 'generator_structure_loss', 'gather_keep_grad', 'StructureTerm',
-           'sadm_settings', 'build_structure_encoder', 'StructureGame', 'build_structure_game']
+__all__ = ['AFFINITIES', 'P_NORMS', 'OMEGAS', 'ENCODER_SEED_OFFSET', 'VARIANTS', 'StructureEncoder', 'LinearStructureEncoder',
+           'affinity', 'structural_distance', 'frozen', 'discriminator_loss', 'generator_structure_loss',
+           'gather_keep_grad', 'StructureTerm', 'sadm_settings', 'build_structure_encoder', 'ramp', 'StructureGame',
+           'build_structure_game']
 
 # %% ../nbs/api/11_structure.ipynb #42a731da
 class StructureEncoder(nn.Module):
@@ -56,8 +57,29 @@ class StructureEncoder(nn.Module):
             h = h + self.t_proj(timestep_embedding(t, 64).to(h.dtype))
         return F.normalize(self.head(h), dim=-1)
 
+# %% ../nbs/api/11_structure.ipynb #88bc837d
+class LinearStructureEncoder(nn.Module):
+    """z = W·vec(x) / √dim (B, dim), each row of W unit-length (so ‖z‖ is on the scale of ‖x‖ whatever `dim`); `t` is
+    accepted and ignored. No output normalisation: a normalised (nonlinear) output would bring back the bias this
+    encoder exists to avoid."""
+    def __init__(self, in_shape, *, dim: int = 64):
+        super().__init__()
+        in_shape = tuple(in_shape)
+        if not in_shape or not all(isinstance(s, int) and s > 0 for s in in_shape):
+            raise ConfigError(f"LinearStructureEncoder takes a sample shape such as (C, H, W) or (D,), got {in_shape}")
+        if dim < 1: raise ConfigError(f"dim must be >= 1, got {dim}")
+        self.in_shape, self.dim, self.time_cond = in_shape, dim, False
+        n = math.prod(in_shape)
+        self.weight = nn.Parameter(torch.randn(dim, n) / math.sqrt(n))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.in_shape:
+            raise ConfigError(f"LinearStructureEncoder built for samples of shape {self.in_shape}, got a batch of "
+                              f"{tuple(x.shape)}")
+        return x.flatten(1) @ F.normalize(self.weight, dim=1).T.to(x.dtype) / math.sqrt(self.dim)
+
 # %% ../nbs/api/11_structure.ipynb #ce8c0a48
-AFFINITIES = ('cosine', 'gaussian', 'softmax')   # `sadm.affinity`
+AFFINITIES = ('cosine', 'gaussian', 'softmax', 'dot')   # `sadm.affinity`
 P_NORMS = (1, 2)                                 # exponent p of the distance between affinities (`sadm.p`)
 
 def _check_batch(z: torch.Tensor, what: str = 'embeddings'):
@@ -77,8 +99,9 @@ def _log_rows(z: torch.Tensor, tau: float) -> torch.Tensor:
 
 def affinity(z: torch.Tensor, kind: str = 'cosine', tau: float = 1.0) -> torch.Tensor:
     """The (B, B) pair-wise affinity of embeddings z (B, dim). 'cosine' normalises z first; 'softmax' rows are
-    distributions over the other samples (the diagonal is 0)."""
+    distributions over the other samples (the diagonal is 0); 'dot' is the plain inner product ⟨z_i, z_j⟩."""
     _check_batch(z); _check_affinity(kind, tau)
+    if kind == 'dot': return z @ z.T
     if kind == 'gaussian':                           # exact squared distances (cdist's gradient is unsafe at 0)
         return torch.exp(-(z[:, None] - z[None]).square().sum(-1) / tau)
     if kind == 'softmax': return _log_rows(z, tau).exp()
@@ -243,6 +266,7 @@ class StructureTerm:
 
 # %% ../nbs/api/11_structure.ipynb #6c68ab76
 ENCODER_SEED_OFFSET = 7_777    # the encoder's seed is the run's seed plus this
+VARIANTS = ('literal', 'linear', 'samples', 'representation')    # `sadm.variant` (see `sadm_lab.structure_variants`)
 
 def sadm_settings(sadm=None):
     "A `SadmConfig` from a `SadmConfig`, a dict of its keys (e.g. {'weight': 0.1}) or None (the defaults)."
@@ -258,10 +282,18 @@ def build_structure_encoder(sample_shape, sadm=None, *, seed: int = 0, device='c
     cuda = [device.index or 0] if device.type == 'cuda' else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed + ENCODER_SEED_OFFSET)
+        if sd.variant == 'linear': return LinearStructureEncoder(tuple(sample_shape), dim=sd.encoder_dim).to(device)
         return StructureEncoder(tuple(sample_shape), dim=sd.encoder_dim, width=sd.encoder_width,
                                 time_cond=sd.time_cond, spectral_norm=sd.spectral_norm).to(device)
 
 # %% ../nbs/api/11_structure.ipynb #514ac3c2
+def ramp(weight: float, warmup_steps: int, step: int, stage: Stage) -> float:
+    "`weight` ramped linearly over `warmup_steps` optimiser steps from `stage`'s start (0 before it)."
+    k = step - stage.start
+    if k < 0: return 0.0
+    if warmup_steps == 0: return weight
+    return weight * min(1.0, (k + 1) / warmup_steps)
+
 class StructureGame(Objective):
     """SADM's minimax game as a training objective (see above). `encoder` is the bare module (checkpointed, used for
     the generator term and the logs); `discriminator` is what the discriminator update trains: under data
@@ -288,10 +320,7 @@ class StructureGame(Objective):
 
     def lam(self, step: int, stage: Stage) -> float:
         "λ at optimiser step `step` of `stage`: a linear ramp to `weight` over `warmup_steps` from the stage's start."
-        k = step - stage.start
-        if k < 0: return 0.0
-        if self.warmup_steps == 0: return self.weight
-        return self.weight * min(1.0, (k + 1) / self.warmup_steps)
+        return ramp(self.weight, self.warmup_steps, step, stage)
 
     def loss(self, mb: MicroBatch, out: dict) -> Term:
         x0_hat, t = out['pred_x0'], out['t']
@@ -363,9 +392,15 @@ StructureGame.heldout_batch, StructureGame.heldout_distance = _heldout_batch, _h
 def build_structure_game(sadm=None, *, diffusion, sample_shape, seed: int = 0, device='cpu', processes: int = 1,
                          micro_batch: int | None = None, d_grad_clip: float = 0.0, heldout=None) -> StructureGame:
     """`StructureGame` from the `sadm.*` settings `sadm`: the encoder (`build_structure_encoder`), `StructureTerm`, the
-    optimiser and λ. `micro_batch`: images per process and micro-batch, checked to give a structure (>= 2 samples)."""
+    optimiser and λ. `micro_batch`: images per process and micro-batch, checked to give a structure (>= 2 samples).
+    Variant 'linear' is the literal game with the linear encoder, the `dot` affinity and p = 2 (its own choice of
+    `sadm.affinity` and `sadm.p` is ignored); the other variants are built by `structure_variants.build_sadm_objective`."""
     import warnings
     sd = sadm_settings(sadm)
+    if sd.variant not in ('literal', 'linear'):
+        raise ConfigError(f"sadm.variant={sd.variant!r} is not a structure game of index-aligned predictions: build "
+                          "it with sadm_lab.structure_variants.build_sadm_objective")
+    affinity, p = ('dot', 2) if sd.variant == 'linear' else (sd.affinity, sd.p)
     if micro_batch is not None and micro_batch * (processes if sd.global_batch else 1) < 2:
         raise ConfigError(f"sadm needs at least 2 images per micro-batch to have a structure, got {micro_batch} per "
                           f"process over {processes} processes; raise train.batch_size"
@@ -373,8 +408,8 @@ def build_structure_game(sadm=None, *, diffusion, sample_shape, seed: int = 0, d
     if sd.omega == 'constant' and sd.t_max > 0.8 and diffusion.prediction != 'x0':
         warnings.warn(f"sadm.omega='constant' with sadm.t_max={sd.t_max}: near t = T the gradient through x0-hat is "
                       "amplified by sigma/alpha (up to ~1e4); sadm.omega=snr or dsm avoids it")
-    term = StructureTerm(diffusion, omega=sd.omega, t_max=sd.t_max, omega_cap=sd.omega_cap, affinity=sd.affinity,
-                         tau=sd.tau, p=sd.p, x0_clip=sd.x0_clip, d_steps=sd.d_steps, d_every=sd.d_every,
+    term = StructureTerm(diffusion, omega=sd.omega, t_max=sd.t_max, omega_cap=sd.omega_cap, affinity=affinity,
+                         tau=sd.tau, p=p, x0_clip=sd.x0_clip, d_steps=sd.d_steps, d_every=sd.d_every,
                          r1_gamma=sd.r1_gamma, global_batch=sd.global_batch)
     enc = build_structure_encoder(sample_shape, sd, seed=seed, device=device)
     return StructureGame(term, enc, weight=sd.weight, warmup_steps=sd.warmup_steps, d_lr=sd.d_lr, d_beta1=sd.d_beta1,

@@ -15,7 +15,7 @@ from .diffusion import Diffusion, space_timesteps
 from .models.layers import timestep_embedding
 from .objectives import DSM, MicroBatch, Schedule, Stage, objective_step
 from .sample import Denoiser, sample_ddpm, sample_ddim
-from .structure import build_structure_game
+from .structure_variants import build_sadm_objective
 
 # %% auto #0
 __all__ = ['TOYS', 'TOY_SADM', 'toy_spec', 'toy_data', 'sliced_wasserstein', 'mmd2', 'mode_stats', 'pairwise_distance_hist',
@@ -131,8 +131,8 @@ def train_toy(kind: str = 'gaussians', *, steps: int = 3000, batch_size: int = 2
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     objectives, stages, game = {'dsm': DSM()}, [Stage('training', 0, ('dsm',), lr=lr)], None
     if lam is not None:
-        game = build_structure_game({**TOY_SADM, **(sadm or {}), 'weight': lam}, diffusion=dif, sample_shape=(2,),
-                                    seed=seed, d_grad_clip=d_grad_clip)
+        game = build_sadm_objective({**TOY_SADM, **(sadm or {}), 'weight': lam}, net=model, diffusion=dif,
+                                    sample_shape=(2,), seed=seed, d_grad_clip=d_grad_clip)
         objectives['sadm'] = game
         start = int((sadm or {}).get('start_step', 0))
         stages = [s for s in stages if start > 0] + [Stage('SADM', start, ('dsm', 'sadm'), lr=None if start else lr)]

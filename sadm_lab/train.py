@@ -305,7 +305,7 @@ class Trainer:
         self.objectives = build_objectives(cfg, self.schedule, net=net, diffusion=self.diffusion, device=self.device,
                                            sample_shape=tuple(self.data.images.shape[1:]),
                                            processes=self.acc.num_processes, micro_batch=self.stream.micro,
-                                           heldout=lambda: self.heldout_data or self.data)
+                                           heldout=lambda: self.heldout_data or self.data, data=lambda: self.data)
         if tc.compile: self.model = torch.compile(self.model)
         self.step, self.stop_requested = 0, False
         self.resumed_at: str | None = None                   # the checkpoint file `fit` logs a 'resume' event for

@@ -123,6 +123,9 @@ def affinity_distance(z: torch.Tensor, kind: str = 'cosine') -> torch.Tensor:
     z = z.detach().double()
     # exact (cdist may use a matmul shortcut)
     if kind == 'gaussian': d = (z[:, None] - z[None]).square().sum(-1).sqrt()
+    elif kind == 'dot':                              # the inner product has no metric of its own: its gap to the top
+        s = z @ z.T
+        d = (s.max() - s).clamp_min(0)
     else:
         zn = F.normalize(z, dim=-1)
         d = (2 - 2 * zn @ zn.T).clamp_min(0).sqrt()
