@@ -20,6 +20,9 @@ choices below can be told apart):
   gaussian, softmax  the other affinities;
   t_max=X          each t-range in `--t-maxes` (the term sees predictions at t < t_max·T);
   omega=dsm        within the t-range, each sample weighted by the denoising loss's own x0-space weight (capped).
+With `--variants`, the consistent variants of the structure term (`sadm.variant`), at λ = `--ablation-lam`:
+  linear           the unbiased linear game; samples: MMD² of a 2-step DDIM sampler's output against data (gradients
+  through its last step); representation: the hidden tokens' structure against a frozen outside classifier's.
 FID (classifier features, `--eval-samples` samples, against the whole training split, with its real-vs-real floor)
 and the memorisation check at `--evals` points of each fine-tuning; the structure distance between held-out images
 and the model's one-step predictions of them, in pixel space, is logged by the SADM arms. Written to `--out`:
@@ -41,6 +44,11 @@ from sadm_lab.core import atomic_write_json, atomic_write_text  # noqa: E402
 from sadm_lab.train import Trainer, RunDir  # noqa: E402
 
 MAIN = ('plain', 'sadm', 'plain-time')
+VARIANT_ARMS = {       # the consistent variants (sadm_lab.structure_variants), at λ = --ablation-lam
+    'linear': ['sadm.variant=linear'],
+    'samples': ['sadm.variant=samples', 'sadm.sampler_steps=2', 'sadm.grad_steps=1'],
+    'representation': ['sadm.variant=representation'],
+}
 
 
 def arm_overrides(arm: str, a) -> list[str]:
@@ -54,6 +62,7 @@ def arm_overrides(arm: str, a) -> list[str]:
     if arm == 'time-cond': return on + ['sadm.time_cond=true']
     if arm.startswith('t_max='): return on + [f'sadm.t_max={arm[6:]}']
     if arm.startswith('omega='): return on + [f'sadm.omega={arm[6:]}']
+    if arm in VARIANT_ARMS: return on + VARIANT_ARMS[arm]
     raise ValueError(f'unknown arm {arm!r}')
 
 
@@ -78,7 +87,8 @@ def run_arm(arm: str, seed: int, plan: dict, a) -> dict:
                               *arm_overrides(arm, a)])
     r = fit_run(cfg, Path(a.out) / f'{arm}-s{seed}', progress=a.progress)
     train = [x for x in RunDir(r['run']).read_metrics() if x.get('kind') == 'train']
-    last = {k: train[-1].get(k) for k in ('g_struct', 'd_obj', 'heldout_struct', 'heldout_struct_pixels')}
+    last = {k: train[-1].get(k) for k in ('g_struct', 'd_obj', 'heldout_struct', 'heldout_struct_pixels', 'g_mmd',
+                                          'd_mmd', 'g_repr', 'p_repr')}
     return r | {'arm': arm, 'seed': seed, 'steps': steps, 'last': last}
 
 
@@ -93,6 +103,8 @@ def main(argv=None):
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--arms', nargs='+', help='arms to run (default: plain sadm plain-time, plus the ablations)')
     p.add_argument('--ablations', action='store_true')
+    p.add_argument('--variants', action='store_true',
+                   help='+ the consistent variants linear, samples (K=2, k=1), representation at λ = --ablation-lam')
     p.add_argument('--lambdas', type=float, nargs='+', default=[0.001, 0.1, 1.0])
     p.add_argument('--ablation-lam', type=float, default=0.1, help='λ of the ablation arms other than the λ grid')
     p.add_argument('--name', default='summary', help='file name stem of the summary (several invocations, one --out)')
@@ -107,13 +119,13 @@ def main(argv=None):
     if a.lam is None: a.lam = get_config(a.base).sadm.weight
     arms = a.arms or [*MAIN, *((f'lam={x:g}' for x in a.lambdas) if a.ablations else ()),
                       *(('random-encoder', 'time-cond', 'gaussian', 'softmax', *(f't_max={x:g}' for x in a.t_maxes), 'omega=dsm')
-                        if a.ablations else ())]
+                        if a.ablations else ()), *(VARIANT_ARMS if a.variants else ())]
     for arm in arms:
         try: arm_overrides(arm, a)
         except ValueError as e: p.error(str(e))
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     common = ['train.sample_every=0', f'eval.num_samples={a.eval_samples}', 'train.ckpt_every=500', *a.overrides]
-    key = {k: v for k, v in vars(a).items() if k not in ('seeds', 'arms', 'progress', 'out', 'jobs', 'ablations',
+    key = {k: v for k, v in vars(a).items() if k not in ('seeds', 'arms', 'progress', 'out', 'jobs', 'ablations', 'variants',
                                                          'lambdas', 't_maxes', 'ablation_lam', 'name')}
     saved = json.loads((out / 'plan.json').read_text()) if (out / 'plan.json').is_file() else None
     if saved is not None and saved['settings'] != key:

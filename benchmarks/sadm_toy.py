@@ -1,17 +1,22 @@
 #!/usr/bin/env python
-"""SADM on 2-D toys: plain denoising training against training whose second half adds the structure term, with exact
-sample metrics, several seeds, in minutes on a CPU.
+"""SADM on 2-D toys: plain denoising training against training whose second half adds a structure term — the literal
+SADM term and the consistent variants (`sadm.variant`) — with exact sample metrics, several seeds, on a CPU.
 
 Every setting trains a `sadm_lab.toy.ToyDenoiser` for `--steps` steps (batch `--batch`) from the same data and
-initial weights per seed; the SADM settings switch the term on at `--start` (a pretrained model fine-tuned, SADM's
-setting) with a `--warmup`-step λ ramp. Settings: plain, λ in `--lambdas`, and a fixed random encoder at the first
-λ (`d_steps=0`). Each model is sampled (DDPM, `--sample-steps`) with the same noise, and measured against a fresh
-real set of the same size: sliced Wasserstein-2, MMD², high-quality fraction (within 3σ of a mode), modes covered,
+initial weights per seed; the structure settings switch their term on at `--start` (a pretrained model fine-tuned,
+SADM's setting) with a `--warmup`-step λ ramp. Settings: plain; each variant in `--variants` at each λ in
+`--lambdas`; with `--random-encoder` the literal term with a fixed random encoder (`d_steps=0`) at the first λ; with
+`--equal-time NAME` a plain arm trained for as long as the setting NAME took (its fine-tuning steps times the
+measured time ratio, from the runs of the first seed); ablations: `--samplers K:k ...` (the samples variant with a
+K-step sampler, gradients through the last k, at the first λ) and `--t-maxes` (the linear variant's t-range, at the
+first λ). Each model is sampled (DDPM, `--sample-steps`) with the same noise, and measured against a fresh real set
+of the same size: sliced Wasserstein-2, MMD², high-quality fraction (within 3σ of a mode), modes covered,
 mode-histogram TV, and the TV distance between pair-wise distance histograms. Written to `--out`: summary.json,
 summary.md (mean ± std over seeds) and toy.png (samples and distance histograms of the first seed).
 
-    python benchmarks/sadm_toy.py                                # 8 Gaussians, 3 seeds, ~10 min on 2 cores
-    python benchmarks/sadm_toy.py --kind rings --lambdas 0.1 1
+    python benchmarks/sadm_toy.py                                        # 8 Gaussians, 3 seeds, every variant
+    python benchmarks/sadm_toy.py --variants literal --lambdas 0.1 1 --random-encoder
+    python benchmarks/sadm_toy.py --variants samples --lambdas 1 --samplers 2:1 8:1 4:2 --equal-time "samples λ=1"
 """
 from __future__ import annotations
 import argparse, json, sys
@@ -32,7 +37,14 @@ def main(argv=None):
     p.add_argument('--start', type=int, default=3000, help='step where the structure term starts')
     p.add_argument('--warmup', type=int, default=200)
     p.add_argument('--batch', type=int, default=512)
-    p.add_argument('--lambdas', type=float, nargs='+', default=[0.1, 1.0])
+    p.add_argument('--variants', nargs='+', default=['literal', 'linear', 'samples'],
+                   help="sadm.variant values (the toy has no hidden tokens: 'representation' does not apply)")
+    p.add_argument('--lambdas', type=float, nargs='+', default=[1.0])
+    p.add_argument('--random-encoder', action='store_true', help='+ the literal term with a fixed random encoder')
+    p.add_argument('--equal-time', nargs='*', default=[], metavar='NAME',
+                   help='+ a plain arm as long (wall-clock) as each named setting')
+    p.add_argument('--samplers', nargs='*', default=[], metavar='K:k', help='samples-variant sampler ablation')
+    p.add_argument('--t-maxes', type=float, nargs='*', default=[], help='linear-variant t-range ablation')
     p.add_argument('--t-max', type=float, default=0.5)
     p.add_argument('--d-lr', type=float, default=1e-3)
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
@@ -42,15 +54,36 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not 0 <= a.start < a.steps: p.error('--start must be in [0, --steps)')
     sadm = {'start_step': a.start, 'warmup_steps': a.warmup, 't_max': a.t_max, 'd_lr': a.d_lr}
+    lam0 = a.lambdas[0]
     settings = {'plain': {}}
-    settings.update({f'sadm λ={x:g}': {'lam': x, 'sadm': sadm} for x in a.lambdas})
-    settings[f'random encoder λ={a.lambdas[0]:g}'] = {'lam': a.lambdas[0], 'sadm': {**sadm, 'd_steps': 0}}
-    rows = compare_toy(settings, kind=a.kind, seeds=a.seeds, steps=a.steps, batch_size=a.batch, n_samples=a.samples,
-                       sample_steps=a.sample_steps)
+    for v in a.variants:
+        settings.update({(f'sadm λ={x:g}' if v == 'literal' else f'{v} λ={x:g}'):
+                         {'lam': x, 'sadm': {**sadm, 'variant': v}} for x in a.lambdas})
+    if a.random_encoder: settings[f'random encoder λ={lam0:g}'] = {'lam': lam0, 'sadm': {**sadm, 'd_steps': 0}}
+    for spec in a.samplers:
+        try: K, k = (int(x) for x in spec.split(':'))
+        except ValueError: p.error(f'--samplers takes K:k pairs such as 4:1, got {spec!r}')
+        settings[f'samples K={K} k={k} λ={lam0:g}'] = {'lam': lam0, 'sadm': {**sadm, 'variant': 'samples',
+                                                                           'sampler_steps': K, 'grad_steps': k}}
+    for tm in a.t_maxes:
+        settings[f'linear t_max={tm:g} λ={lam0:g}'] = {'lam': lam0, 'sadm': {**sadm, 'variant': 'linear', 't_max': tm}}
+    unknown = [n for n in a.equal_time if n not in settings]
+    if unknown: p.error(f'--equal-time names settings that are not run: {unknown}; run: {list(settings)}')
+    kw = dict(kind=a.kind, steps=a.steps, batch_size=a.batch, n_samples=a.samples, sample_steps=a.sample_steps)
+    rows = compare_toy(settings, seeds=a.seeds, **kw)
+    ratios = {}
+    for name in a.equal_time:            # plain fine-tuning for as long as `name` took (first seed's runs)
+        plain_s = next(r['train_s'] for r in rows if r['setting'] == 'plain' and r['seed'] == a.seeds[0])
+        other_s = next(r['train_s'] for r in rows if r['setting'] == name and r['seed'] == a.seeds[0])
+        per_step = plain_s / a.steps
+        ratio = (other_s - per_step * a.start) / (per_step * (a.steps - a.start))
+        ratios[name] = ratio
+        steps = a.start + round((a.steps - a.start) * ratio)
+        rows += compare_toy({f'plain, time of {name}': {}}, seeds=a.seeds, **{**kw, 'steps': steps})
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     summ = summarize(rows, KEYS)
     plot_toy(rows, kind=a.kind, seed=a.seeds[0], path=out / 'toy.png')
-    atomic_write_json(out / 'summary.json', {'config': vars(a), 'summary': summ,
+    atomic_write_json(out / 'summary.json', {'config': vars(a), 'summary': summ, 'time_ratios': ratios,
                                              'runs': [{k: v for k, v in r.items() if k not in ('samples',)} for r in rows]})
     lines = [f"# SADM on the 2-D toy `{a.kind}`: {len(a.seeds)} seeds, {a.steps} steps (structure term from step {a.start})", '',
              '| setting | SWD ↓ | MMD² ↓ | high-quality fraction ↑ | modes covered | mode TV ↓ | pair-wise distance TV ↓ | training s |',

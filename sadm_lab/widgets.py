@@ -22,9 +22,10 @@ from .viz import make_grid
 from .train import Callback, RunDir
 
 # %% auto #0
-__all__ = ['SPACES', 'png_bytes', 'thumbnail', 'denoise_batch', 'FeatureSpace', 'knn_edges', 'affinity_distance', 'layout_pca',
-           'layout_umap', 'align_layout', 'warm_up_umap', 'umap_ready', 'batch_structure', 'ManifoldExplorer',
-           'masked_prediction', 'MaskVisualiser', 'MetricsTail', 'TrainingDashboard', 'memory_now']
+__all__ = ['SPACES', 'COMPARE', 'png_bytes', 'thumbnail', 'denoise_batch', 'sample_batch', 'FeatureSpace', 'knn_edges',
+           'affinity_distance', 'layout_pca', 'layout_umap', 'align_layout', 'warm_up_umap', 'umap_ready',
+           'batch_structure', 'ManifoldExplorer', 'masked_prediction', 'MaskVisualiser', 'MetricsTail',
+           'TrainingDashboard', 'memory_now']
 
 # %% ../nbs/api/13_widgets.ipynb #52bcdfdc
 def _lab():
@@ -72,6 +73,23 @@ def denoise_batch(model, diffusion, x0: torch.Tensor, t, *, y: torch.Tensor | No
                                         noise=noise.to(dev))
     finally: model.train(was)
     return out['pred_x0'].float().clamp(-clip, clip).cpu()
+
+@torch.no_grad()
+def sample_batch(model, diffusion, shape, *, y: torch.Tensor | None = None, seed: int = 0, steps: int = 4,
+                 clip: float = 1.0) -> torch.Tensor:
+    """A batch of `shape` (B, C, H, W) drawn by `steps`-step deterministic DDIM from noise of `seed`, clamped: what the
+    `samples` structure variant compares with real data."""
+    from sadm_lab.diffusion import space_timesteps
+    from sadm_lab.structure_variants import ddim_chain
+    dev = next(model.parameters()).device
+    x = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).to(dev)
+    was = model.training
+    model.eval()
+    try:
+        out = ddim_chain(model, diffusion, x, space_timesteps(diffusion.num_timesteps, steps),
+                         y=None if y is None else y.to(dev), grad_steps=0)
+    finally: model.train(was)
+    return out.float().clamp(-clip, clip).cpu()
 
 class FeatureSpace:
     """Maps images (B, C, H, W) in [-1, 1] to features (B, D) in one of `SPACES`; `t` is passed to a time-conditioned
@@ -201,9 +219,10 @@ def umap_ready() -> bool:
 
 # %% ../nbs/api/13_widgets.ipynb #91e589c3
 def batch_structure(x0: torch.Tensor, x0_hat: torch.Tensor, space: FeatureSpace, *, kind: str = 'cosine',
-                    tau: float = 1.0, k: int = 5, t: int | None = None) -> dict:
+                    tau: float = 1.0, k: int = 5, t: int | None = None, aligned: bool = True) -> dict:
     """Features, affinities, distance, kNN edges and a joint PCA layout of a real batch and its index-aligned
-    predictions."""
+    predictions; with `aligned=False` (a batch of samples, independent of the real one) the distance is the unbiased
+    MMD² between the two batches' features (Gaussian kernel of width `tau`), `statistic` says which."""
     if x0.shape != x0_hat.shape:
         raise ConfigError(f"x0 {tuple(x0.shape)} and x0_hat {tuple(x0_hat.shape)} must be index-aligned")
     B = len(x0)
@@ -213,9 +232,13 @@ def batch_structure(x0: torch.Tensor, x0_hat: torch.Tensor, space: FeatureSpace,
     center = x0.float().mean(0, keepdim=True) if space.kind == 'pixels' else None
     z_real, z_fake = space(x0, t=tt, center=center), space(x0_hat, t=tt, center=center)
     a_real, a_fake = affinity(z_real.double(), kind, tau), affinity(z_fake.double(), kind, tau)
-    D = float(structural_distance(z_real.double(), z_fake.double(), kind=kind, tau=tau))
+    if aligned: D = float(structural_distance(z_real.double(), z_fake.double(), kind=kind, tau=tau))
+    else:
+        from sadm_lab.structure_variants import embedding_mmd2
+        D = float(embedding_mmd2(z_real.double(), z_fake.double(), tau=tau))
     z = torch.cat([z_real, z_fake])
     return dict(z_real=z_real, z_fake=z_fake, a_real=a_real, a_fake=a_fake, distance=D, kind=kind, k=k,
+                statistic='D' if aligned else 'MMD²',
                 edges_real=knn_edges(a_real, k), edges_fake=knn_edges(a_fake, k),
                 layout=layout_pca(z), dist=affinity_distance(z, kind))
 
@@ -265,12 +288,23 @@ class _Latest:
         return True
 
 # %% ../nbs/api/13_widgets.ipynb #8d8510ce
+COMPARE = ('predictions', 'samples')     # x̂0 of the noised real batch (index-aligned), or few-step samples
+
 class ManifoldExplorer:
     "Interactive view of the pair-wise structure of a real batch and the model's x̂0 predictions; `.widget` to display."
     def __init__(self, model, diffusion, data, *, encoder=None, batch_size: int = 64, t: int | None = None,
                  space: str | None = None, affinity: str = 'cosine', tau: float = 1.0, k: int = 5, layout: str = 'umap',
-                 seed: int = 0, extractors: dict | None = None, classifier_kwargs: dict | None = None):
+                 seed: int = 0, extractors: dict | None = None, classifier_kwargs: dict | None = None,
+                 compare: str = 'predictions', sampler_steps: int = 4, sadm=None):
         self.model, self.diffusion, self.data, self.encoder = model, diffusion, data, encoder
+        if compare not in COMPARE: raise ConfigError(f"compare must be one of {', '.join(COMPARE)}, got {compare!r}")
+        if sampler_steps < 1: raise ConfigError(f"sampler_steps must be >= 1, got {sampler_steps}")
+        self.sampler_steps = int(sampler_steps)
+        # what the run's structure objective compares and its stationarity verdict (`sadm`: its sadm.* settings)
+        self.objective_note = None
+        if sadm is not None:
+            from sadm_lab.stationarity import describe_objective
+            self.objective_note = describe_objective(sadm)
         T = diffusion.num_timesteps
         if not 3 <= batch_size <= len(data):
             raise ConfigError(f"batch_size must be in [3, {len(data)}], got {batch_size}")
@@ -287,7 +321,7 @@ class ManifoldExplorer:
         # the last computed `batch_structure` (+ x0, x0_hat, labels, layout)
         self.result: dict | None = None
         self._umap_cache: dict = {}
-        self._build_ui(t=T // 4 if t is None else t, space=space, kind=affinity, k=k, layout=layout)
+        self._build_ui(t=T // 4 if t is None else t, space=space, kind=affinity, k=k, layout=layout, compare=compare)
         self._draw_batch()
         if layout == 'umap': warm_up_umap()
         self.refresh()
@@ -302,10 +336,18 @@ class ManifoldExplorer:
         encoder = None
         ck = safe_torch_load(Path(checkpoint) if checkpoint else RunDir(run_dir).latest_checkpoint())
         state = (ck.get('objectives') or {}).get('sadm') or ck.get('sadm')      # (`sadm`: the earlier layout)
-        if isinstance(state, dict) and cfg.sadm.enabled:
-            encoder = build_structure_encoder(tuple(data.images.shape[1:]), cfg.sadm, device=get_device(device))
+        if isinstance(state, dict) and cfg.sadm.enabled and 'encoder' in state:   # (the representation term has none)
+            sd = cfg.sadm
+            encoder = build_structure_encoder(tuple(data.images.shape[1:]),
+                                              sd if sd.variant != 'samples' else {'variant': 'literal'},
+                                              device=get_device(device))
             load_weights(encoder, state['encoder'], source=f"{run_dir} (structure encoder)").eval()
-            kwargs.setdefault('affinity', cfg.sadm.affinity); kwargs.setdefault('tau', cfg.sadm.tau)
+            kwargs.setdefault('affinity', 'dot' if sd.variant == 'linear' else sd.affinity)
+            kwargs.setdefault('tau', sd.tau)
+        if cfg.sadm.enabled:
+            kwargs.setdefault('sadm', cfg.sadm)
+            if cfg.sadm.variant == 'samples':
+                kwargs.setdefault('compare', 'samples'); kwargs.setdefault('sampler_steps', cfg.sadm.sampler_steps)
         return cls(model, diffusion, data, encoder=encoder, **kwargs)
 
     def _ipython_display_(self):
@@ -338,14 +380,19 @@ def _new_batch(self, seed: int | None = None):
     if seed is not None: self.seed = seed
     self._draw_batch(); self.refresh()
 
-def _compute(self, *, t: int, space: str, kind: str, k: int, batch: tuple | None = None, **_) -> dict:
-    """`batch_structure` of a batch (x0, labels, seed) — the current one by default — at timestep `t` (also what the
+def _compute(self, *, t: int, space: str, kind: str, k: int, batch: tuple | None = None,
+             compare: str = 'predictions', **_) -> dict:
+    """`batch_structure` of a batch (x0, labels, seed) — the current one by default — against the model's x̂0 of it at
+    timestep `t`, or (`compare='samples'`) against a batch of few-step samples with the same labels (also what the
     widget shows); no UI involved."""
     x0, labels, seed = batch or (self.x0, self.y, self.seed)
     y = labels if getattr(self.model, 'num_classes', 0) else None
-    x0_hat = denoise_batch(self.model, self.diffusion, x0, t, y=y, seed=seed)
-    res = batch_structure(x0, x0_hat, self.feature_space(space), kind=kind, tau=self.tau, k=k, t=t)
-    res.update(x0=x0, x0_hat=x0_hat, labels=labels, t=t, space=space, layout_kind='pca', seed=seed)
+    if compare == 'samples':
+        x0_hat = sample_batch(self.model, self.diffusion, x0.shape, y=y, seed=seed, steps=self.sampler_steps)
+    else: x0_hat = denoise_batch(self.model, self.diffusion, x0, t, y=y, seed=seed)
+    res = batch_structure(x0, x0_hat, self.feature_space(space), kind=kind, tau=self.tau, k=k, t=t,
+                          aligned=compare != 'samples')
+    res.update(x0=x0, x0_hat=x0_hat, labels=labels, t=t, space=space, layout_kind='pca', seed=seed, compare=compare)
     return res
 
 def _refresh(self):
@@ -373,7 +420,7 @@ def _job_inner(self, s: dict, *, is_current):
     if s['layout'] == 'umap':
         self._status("PCA shown while UMAP computes"
                      + ("" if umap_ready() else " (first UMAP in this kernel compiles numba code: ~20 s)") + "…")
-        key = (res['seed'], s['t'], s['space'], s['kind'], s['k'])
+        key = (res['seed'], s['t'], s['space'], s['kind'], s['k'], s['compare'])
         xy = self._umap_cache.get(key)
         if xy is None:
             warm = warm_up_umap()
@@ -382,7 +429,8 @@ def _job_inner(self, s: dict, *, is_current):
             self._umap_cache[key] = xy
         if not is_current(): return
         self._show(dict(res, layout=align_layout(xy, res['layout']), layout_kind='umap'))
-    self._status(f"t = {s['t']} · {s['space']} space · {s['kind']} affinity · {s['k']}-NN graph · "
+    against = f"t = {s['t']}" if s['compare'] == 'predictions' else f"{self.sampler_steps}-step samples"
+    self._status(f"{against} · {s['space']} space · {s['kind']} affinity · {s['k']}-NN graph · "
                  f"{self.result['layout_kind'].upper()} layout")
 
 ManifoldExplorer.feature_space, ManifoldExplorer._draw_batch, ManifoldExplorer.draw_batch = (_feature_space,
@@ -392,7 +440,7 @@ ManifoldExplorer.compute, ManifoldExplorer.refresh, ManifoldExplorer.wait = _com
 ManifoldExplorer._job, ManifoldExplorer._job_inner = _job, _job_inner
 
 # %% ../nbs/api/13_widgets.ipynb #25eb1da2
-def _build_ui(self, *, t, space, kind, k, layout):
+def _build_ui(self, *, t, space, kind, k, layout, compare='predictions'):
     W, go, make_subplots = _lab()
     T, B = self.diffusion.num_timesteps, self.batch_size
     style = {'description_width': '70px'}
@@ -404,7 +452,9 @@ def _build_ui(self, *, t, space, kind, k, layout):
         k=W.IntSlider(value=min(k, B - 1), min=1, max=min(15, B - 1), description='k (kNN)', continuous_update=False,
                       style=style),
         layout=W.ToggleButtons(options=[('UMAP', 'umap'), ('PCA', 'pca')], value=layout, description='layout',
-                               style=style))
+                               style=style),
+        compare=W.Dropdown(options=[('x̂0 at t', 'predictions'), (f'{self.sampler_steps}-step samples', 'samples')],
+                           value=compare, description='compare', style=style))
     for w in c.values(): w.observe(lambda ch: self.refresh(), names='value')
     self.new_batch = W.Button(description='new batch', icon='refresh', tooltip='draw other real images')
     self.new_batch.on_click(lambda b: self.draw_batch(self.seed + 1))
@@ -440,15 +490,18 @@ def _build_ui(self, *, t, space, kind, k, layout):
     side = W.VBox([W.HTML('<b>under the cursor</b>'), self.hover_label,
                    W.HBox([W.VBox([W.HTML('real'), self.thumb_real]), W.VBox([W.HTML('x̂0'), self.thumb_fake])])],
                   layout=W.Layout(width='220px'))
-    controls = W.VBox([W.HBox([c['t'], c['space'], c['affinity']]), W.HBox([c['k'], c['layout'], self.new_batch])])
-    self.widget = W.VBox([controls, W.HBox([self.distance_label, self.status]), W.HBox([self.fig, side]),
-                          self.heatmaps])
+    controls = W.VBox([W.HBox([c['t'], c['space'], c['affinity']]),
+                       W.HBox([c['k'], c['layout'], c['compare'], self.new_batch])])
+    self.objective_label = W.HTML('' if self.objective_note is None else f"<i>{self.objective_note}</i>")
+    self.objective_label.add_class('sadm-explorer-objective')
+    self.widget = W.VBox([controls, self.objective_label, W.HBox([self.distance_label, self.status]),
+                          W.HBox([self.fig, side]), self.heatmaps])
     self.widget.add_class('sadm-manifold-explorer')
 
 def _settings(self) -> dict:
     c = self.controls
     return dict(t=int(c['t'].value), space=c['space'].value, kind=c['affinity'].value, k=int(c['k'].value),
-                layout=c['layout'].value)
+                layout=c['layout'].value, compare=c['compare'].value)
 
 ManifoldExplorer._build_ui, ManifoldExplorer.settings = _build_ui, property(_settings)
 
@@ -477,12 +530,13 @@ def _show(self, res: dict):
             self.fig.data[3 * col].update(x=ex, y=ey)
             self.fig.data[3 * col + 1].update(x=pts[:, 0].tolist(), y=pts[:, 1].tolist(), text=text,
                                               marker=dict(color=cols))
-        self.fig.layout.annotations[1].text = f"x̂0 predictions at t = {res['t']}"
+        self.fig.layout.annotations[1].text = (f"x̂0 predictions at t = {res['t']}" if res['statistic'] == 'D' else
+                                               f"{self.sampler_steps}-step samples")
     with self.heatmaps.batch_update():
         self.heatmaps.data[0].z, self.heatmaps.data[1].z = ar.tolist(), af.tolist()
         self.heatmaps.data[2].z = np.abs(ar - af).tolist()
-    self.distance_label.value = ("<b>structural distance</b> D = <span "
-                                 f"class='sadm-distance-value'>{res['distance']:.4g}"
+    what = 'structural distance</b> D' if res['statistic'] == 'D' else 'samples vs real</b> MMD²'
+    self.distance_label.value = (f"<b>{what} = <span class='sadm-distance-value'>{res['distance']:.4g}"
                                  f"</span> ({res['kind']}, {res['space']} space, {B} pairs)")
     return res
 

@@ -157,13 +157,19 @@ def test_sadm_finetune_arms_start_from_the_base_and_plain_time_matches_the_clock
 def test_sadm_toy_and_step_time_scripts_report_every_setting(tmp_path, capsys):
     toy = _load('sadm_toy')
     toy.main(['--steps', '60', '--start', '30', '--warmup', '5', '--batch', '64', '--seeds', '0', '1', '--samples', '200',
-              '--sample-steps', '5', '--lambdas', '0.1', '1', '--out', str(tmp_path / 'toy')])
+              '--sample-steps', '5', '--lambdas', '0.1', '1', '--random-encoder', '--samplers', '2:1',
+              '--t-maxes', '0.3', '--equal-time', 'samples λ=1', '--out', str(tmp_path / 'toy')])
     s = json.loads((tmp_path / 'toy' / 'summary.json').read_text())
-    assert list(s['summary']) == ['plain', 'sadm λ=0.1', 'sadm λ=1', 'random encoder λ=0.1']
-    assert len(s['runs']) == 8 and (tmp_path / 'toy' / 'toy.png').is_file()
+    assert list(s['summary']) == ['plain', 'sadm λ=0.1', 'sadm λ=1', 'linear λ=0.1', 'linear λ=1', 'samples λ=0.1',
+                                  'samples λ=1', 'random encoder λ=0.1', 'samples K=2 k=1 λ=0.1',
+                                  'linear t_max=0.3 λ=0.1', 'plain, time of samples λ=1']
+    assert len(s['runs']) == 22 and (tmp_path / 'toy' / 'toy.png').is_file() and s['time_ratios']['samples λ=1'] > 0
+    with pytest.raises(SystemExit):                  # an --equal-time name that is not a setting
+        toy.main(['--steps', '4', '--start', '2', '--equal-time', 'nope', '--out', str(tmp_path / 'toy2')])
     st = _load('sadm_step_time')
     res = st.main(['--preset', 'smoke', '--reps', '2', '--steps', '1', '--warmup', '1', '--variants', 'all',
                    '--json', str(tmp_path / 'st.json')])
     assert set(res['arms']) == {'plain', *st.VARIANTS} and res['arms']['plain']['ratio_to_plain'] == 1.0
+    assert res['arms']['samples K=4 k=1']['extra_ms_per_sampler_step'] is not None
     assert all(r['ms_per_step_median'] > 0 for r in res['arms'].values())
     assert json.loads((tmp_path / 'st.json').read_text())['arms'].keys() == res['arms'].keys()

@@ -140,6 +140,21 @@ def test_explorer_from_a_sadm_run_uses_its_encoder_and_affinity(sadm_run):
         ManifoldExplorer(ex.model, ex.diffusion, ex.data, space='encoder', layout='pca')
 
 
+@pytest.mark.parametrize('variant', ['linear', 'samples', 'representation'])
+def test_explorer_from_a_variant_run_shows_what_it_compares(tmp_path, variant):
+    cfg = get_config('smoke', ['train.steps=2', 'sadm.enabled=true', 'sadm.warmup_steps=0', 'eval.enabled=false',
+                               f'sadm.variant={variant}', 'sadm.sampler_steps=2', 'sadm.outside_encoder=random'])
+    Trainer(cfg, tmp_path / 'r', progress=False).fit()
+    ex = ManifoldExplorer.from_run(tmp_path / 'r', batch_size=8, layout='pca', k=2)
+    assert ex.wait(60)
+    assert f"sadm.variant={variant!r}" in ex.objective_label.value
+    assert ('by construction' in ex.objective_label.value) == (variant == 'representation')
+    assert (ex.encoder is None) == (variant == 'representation')          # its state holds a projector, no encoder
+    assert ex.settings['compare'] == ('samples' if variant == 'samples' else 'predictions')
+    assert ex.result['statistic'] == ('MMD²' if variant == 'samples' else 'D')
+    if variant == 'linear': assert ex.settings['kind'] == 'dot'
+
+
 def test_explorer_umap_replaces_pca_and_ignores_stale_requests(tiny):
     pytest.importorskip('umap')
     net, diff, data = tiny
