@@ -83,7 +83,8 @@ class Gaussian:
         eye = torch.eye(self.dim, dtype=torch.float64)
         out = []
         for a, s, x in zip(alpha[:, 0], sigma[:, 0], x_t):        # one small solve per sample (d is small)
-            out.append(self.mean + a * self.cov @ torch.linalg.solve(a ** 2 * self.cov + s ** 2 * eye, x - a * self.mean))
+            out.append(self.mean + a * self.cov @ torch.linalg.solve(a ** 2 * self.cov + s ** 2 * eye,
+                                                                     x - a * self.mean))
         return torch.stack(out)
 
 # %% ../nbs/api/11b_stationarity.ipynb #7f9e838f
@@ -132,7 +133,8 @@ def stationarity_check(loss_fn, family, diffusion, *, batch_size: int = 64, batc
     `at='samples'` checks an objective whose fixed point is "generated samples = data" instead: x0_hat is an
     independent draw from `family` (fields: `prediction`, `e0`, `e1`)."""
     check_range('batch_size', batch_size, '>= 2'); check_range('batches', batches, '>= 2')
-    if at not in ('posterior_mean', 'samples'): raise ConfigError(f"at must be 'posterior_mean' or 'samples', not {at!r}")
+    if at not in ('posterior_mean', 'samples'):
+        raise ConfigError(f"at must be 'posterior_mean' or 'samples', not {at!r}")
     lo, hi = t_range
     T = diffusion.num_timesteps
     if not 0 <= lo < hi <= 1: raise ConfigError(f"t_range must satisfy 0 <= lo < hi <= 1, got {t_range}")

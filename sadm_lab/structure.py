@@ -394,7 +394,8 @@ def build_structure_game(sadm=None, *, diffusion, sample_shape, seed: int = 0, d
     """`StructureGame` from the `sadm.*` settings `sadm`: the encoder (`build_structure_encoder`), `StructureTerm`, the
     optimiser and λ. `micro_batch`: images per process and micro-batch, checked to give a structure (>= 2 samples).
     Variant 'linear' is the literal game with the linear encoder, the `dot` affinity and p = 2 (its own choice of
-    `sadm.affinity` and `sadm.p` is ignored); the other variants are built by `structure_variants.build_sadm_objective`."""
+    `sadm.affinity` and `sadm.p` is ignored); the other variants are built by
+    `structure_variants.build_sadm_objective`."""
     import warnings
     sd = sadm_settings(sadm)
     if sd.variant not in ('literal', 'linear'):

@@ -130,7 +130,8 @@ class SampleStructureGame(Objective):
     def metrics(self, model, step: int, stage: Stage | None) -> dict:
         return {'lambda': self.lam(step, stage)} if stage is not None and self.name in stage.objectives else {}
 
-    def state_dict(self) -> dict: return {'encoder': self.encoder.state_dict(), 'optimizer': self.optimizer.state_dict()}
+    def state_dict(self) -> dict: return {'encoder': self.encoder.state_dict(),
+                                          'optimizer': self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None: _load(self, state, 'encoder', 'the samples game')
 
@@ -178,7 +179,8 @@ class RepresentationStructure(Objective):
         check_range('weight', weight, '>= 0'); check_range('t_max', t_max, '(0, 1]'); check_range('dim', dim, '>= 1')
         blocks = hidden_blocks(net)
         if not -1 <= layer < len(blocks):
-            raise ConfigError(f"sadm.repr_layer={layer}: this denoiser has blocks 0..{len(blocks) - 1} (-1: the middle)")
+            raise ConfigError(f"sadm.repr_layer={layer}: this denoiser has blocks 0..{len(blocks) - 1} "
+                              "(-1: the middle)")
         self.layer = len(blocks) // 2 if layer == -1 else layer
         width = bare_network(net).hidden_size
         device = next(bare_network(net).parameters()).device
