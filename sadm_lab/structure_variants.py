@@ -169,6 +169,11 @@ def alignment(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     off = ~torch.eye(len(z), dtype=torch.bool, device=z.device)
     return (cosine_structure(z) - target)[off].square().mean()
 
+class _Tap:
+    "A forward hook keeping the last output of its module (a deep copy of the module gets a copy of the tap)."
+    def __init__(self): self.tokens = None
+    def __call__(self, module, inputs, output): self.tokens = output
+
 class RepresentationStructure(Objective):
     "Align the structure of the denoiser's hidden tokens with a frozen outside encoder's (see above)."
     name, log_keys, whole_image = 'sadm', ('g_repr', 'p_repr'), True
@@ -192,15 +197,13 @@ class RepresentationStructure(Objective):
         self.t_max, self.grad_clip = float(t_max), float(grad_clip)
         self.optimizer = _sadm_optimizer(self.projector, lr, beta1)
         self.trained = _ddp(self.projector, ddp)
-        self._tokens = None
-        self.hook = blocks[self.layer].register_forward_hook(self._keep)
-
-    def _keep(self, module, inputs, output): self._tokens = output
+        self.tap = _Tap()
+        self.hook = blocks[self.layer].register_forward_hook(self.tap)
 
     def lam(self, step: int, stage: Stage) -> float: return ramp(self.weight, self.warmup_steps, step, stage)
 
     def loss(self, mb: MicroBatch, out: dict) -> Term:
-        h, self._tokens = self._tokens, None
+        h, self.tap.tokens = self.tap.tokens, None
         if h is None or len(h) != len(mb.x0):
             raise ConfigError("the representation term saw no hidden tokens of this micro-batch: is the hooked block "
                               "part of the forward pass (not compiled away)?")

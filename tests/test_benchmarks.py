@@ -173,3 +173,21 @@ def test_sadm_toy_and_step_time_scripts_report_every_setting(tmp_path, capsys):
     assert res['arms']['samples K=4 k=1']['extra_ms_per_sampler_step'] is not None
     assert all(r['ms_per_step_median'] > 0 for r in res['arms'].values())
     assert json.loads((tmp_path / 'st.json').read_text())['arms'].keys() == res['arms'].keys()
+
+
+def test_third_ruler_fid_measures_each_run_with_another_feature_network(tmp_path, monkeypatch):
+    from sadm_lab.config import get_config
+    from sadm_lab.train import Trainer
+    monkeypatch.setenv('SADM_LAB_CACHE', str(tmp_path / 'cache'))
+    for seed in (0, 1):
+        Trainer(get_config('smoke', ['train.steps=2', 'data.max_images=200', 'eval.num_samples=20', 'sample.steps=2',
+                                     f'train.seed={seed}']), tmp_path / f'arm-s{seed}', progress=False).fit()
+    third = _load('third_ruler_fid')
+    res = third.main([str(tmp_path / 'arm-s0'), str(tmp_path / 'arm-s1'), '--samples', '20',
+                      '--json', str(tmp_path / 'third.json')])
+    assert [r['arm'] for r in res['runs']] == ['arm', 'arm'] and [r['seed'] for r in res['runs']] == [0, 1]
+    assert all(r['fid_third'] > 0 and r['floor_third'] > 0 for r in res['runs'])
+    assert res['summary']['arm']['fid_third'][1] > 0                    # two seeds: a spread
+    nets = sorted(p.name for p in (tmp_path / 'cache' / 'feature_nets').iterdir() if p.suffix == '.safetensors')
+    assert len(nets) == 2                            # the run's own FID classifier and the third one: not the same
+    with pytest.raises(SystemExit): third.main([str(tmp_path)])

@@ -133,3 +133,16 @@ def test_stationarity_inputs_are_checked():
         stationarity_check(lambda *a: 0, mix, DIF, shape=(1, 8, 8))
     with pytest.raises(ConfigError, match='no closed-form posterior'):
         GaussianMixture.toy('rings')
+
+
+def test_the_representation_hook_stays_with_its_own_network():
+    import copy
+    from sadm_lab.models import build_model
+    net = build_model('DiT-T/2', input_size=8, in_channels=1)
+    obj = build_sadm_objective({'variant': 'representation', 'outside_encoder': 'random'}, net=net, diffusion=DIF,
+                               sample_shape=(1, 8, 8))
+    twin = copy.deepcopy(net)                  # e.g. an EMA copy made later: its forward passes are not the term's
+    twin(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]))
+    assert obj.tap.tokens is None
+    net(torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3]))
+    assert obj.tap.tokens.shape[:2] == (3, net.num_patches)
