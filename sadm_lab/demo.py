@@ -73,11 +73,15 @@ def _stage_lines(run, cfg, recs) -> list[str]:
                   "transformer and the loss covers only them."]
     if sadm:
         sd = cfg.sadm
-        lines += [f"`sadm` is the structure game: a structure discriminator ({sd.affinity} affinity, L{sd.p}, "
-                  f"{sd.d_steps} update(s) per step at lr {sd.d_lr:g}) plays against the denoiser, whose loss gains "
-                  f"λ·D_ω (λ = {sd.weight:g}, reached after {sd.warmup_steps} steps; predictions at t < "
-                  f"{sd.t_max:g}·T, "
-                  f"ω {sd.omega})."]
+        if sd.variant == 'literal':
+            lines += [f"`sadm` is the structure game: a structure discriminator ({sd.affinity} affinity, L{sd.p}, "
+                      f"{sd.d_steps} update(s) per step at lr {sd.d_lr:g}) plays against the denoiser, whose loss "
+                      f"gains λ·D_ω (λ = {sd.weight:g}, reached after {sd.warmup_steps} steps; predictions at t < "
+                      f"{sd.t_max:g}·T, ω {sd.omega})."]
+        else:
+            from sadm_lab.stationarity import COMPARES
+            lines += [f"`sadm` is the structure objective `{sd.variant}` (`sadm.variant`): it compares "
+                      f"{COMPARES[sd.variant]}; λ = {sd.weight:g}, reached after {sd.warmup_steps} steps."]
     lines += ['', '| stage | steps | mask ratio | λ | images/s | training time | FID at its end | NN ratio'
               + (' | held-out structure distance (pixels)' if sadm else '') + ' |',
               '|---|---|---|---|---|---|---|---' + ('|---' if sadm else '') + '|']
