@@ -11,7 +11,8 @@ measured time ratio, from the runs of the first seed); ablations: `--samplers K:
 K-step sampler, gradients through the last k, at the first λ) and `--t-maxes` (the linear variant's t-range, at the
 first λ). Each model is sampled (DDPM, `--sample-steps`) with the same noise, and measured against a fresh real set
 of the same size: sliced Wasserstein-2, MMD², high-quality fraction (within 3σ of a mode), modes covered,
-mode-histogram TV, and the TV distance between pair-wise distance histograms. Written to `--out`: summary.json,
+mode-histogram TV, and the TV distance between pair-wise distance histograms; `--also-ddim K` measures each model
+with a K-step DDIM sampler too (what the samples variant trains). Written to `--out`: summary.json,
 summary.md (mean ± std over seeds) and toy.png (samples and distance histograms of the first seed).
 
     python benchmarks/sadm_toy.py                                        # 8 Gaussians, 3 seeds, every variant
@@ -50,6 +51,8 @@ def main(argv=None):
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--samples', type=int, default=2000)
     p.add_argument('--sample-steps', type=int, default=100)
+    p.add_argument('--also-ddim', type=int, nargs='*', default=[], metavar='K',
+                   help='also measure each model with K-step DDIM (what the samples variant trains)')
     p.add_argument('--out', default='runs/sadm-toy')
     a = p.parse_args(argv)
     if not 0 <= a.start < a.steps: p.error('--start must be in [0, --steps)')
@@ -69,29 +72,34 @@ def main(argv=None):
         settings[f'linear t_max={tm:g} λ={lam0:g}'] = {'lam': lam0, 'sadm': {**sadm, 'variant': 'linear', 't_max': tm}}
     unknown = [n for n in a.equal_time if n not in settings]
     if unknown: p.error(f'--equal-time names settings that are not run: {unknown}; run: {list(settings)}')
-    kw = dict(kind=a.kind, steps=a.steps, batch_size=a.batch, n_samples=a.samples, sample_steps=a.sample_steps)
+    also = {f'ddim{k}': ('ddim', k) for k in a.also_ddim}
+    kw = dict(kind=a.kind, steps=a.steps, batch_size=a.batch, n_samples=a.samples, sample_steps=a.sample_steps,
+              also=also)
     rows = compare_toy(settings, seeds=a.seeds, **kw)
     ratios = {}
-    for name in a.equal_time:            # plain fine-tuning for as long as `name` took (first seed's runs)
-        plain_s = next(r['train_s'] for r in rows if r['setting'] == 'plain' and r['seed'] == a.seeds[0])
-        other_s = next(r['train_s'] for r in rows if r['setting'] == name and r['seed'] == a.seeds[0])
-        per_step = plain_s / a.steps
-        ratio = (other_s - per_step * a.start) / (per_step * (a.steps - a.start))
+    def after_start(setting):            # seconds the first seed's run spent after --start (its logged clock)
+        h = next(r['history'] for r in rows if r['setting'] == setting and r['seed'] == a.seeds[0])
+        before = [x['time'] for x in h if x['step'] <= a.start]
+        return h[-1]['time'] - (before[-1] if before else 0.0)
+    for name in a.equal_time:            # plain fine-tuning for as long as `name` took
+        ratio = after_start(name) / after_start('plain')
         ratios[name] = ratio
         steps = a.start + round((a.steps - a.start) * ratio)
         rows += compare_toy({f'plain, time of {name}': {}}, seeds=a.seeds, **{**kw, 'steps': steps})
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    summ = summarize(rows, KEYS)
+    summ = summarize(rows, KEYS + tuple(f'{m}_{e}' for e in also for m in ('swd', 'hq', 'covered')))
     plot_toy(rows, kind=a.kind, seed=a.seeds[0], path=out / 'toy.png')
     atomic_write_json(out / 'summary.json', {'config': vars(a), 'summary': summ, 'time_ratios': ratios,
                                              'runs': [{k: v for k, v in r.items() if k not in ('samples',)} for r in rows]})
     lines = [f"# SADM on the 2-D toy `{a.kind}`: {len(a.seeds)} seeds, {a.steps} steps (structure term from step {a.start})", '',
-             '| setting | SWD ↓ | MMD² ↓ | high-quality fraction ↑ | modes covered | mode TV ↓ | pair-wise distance TV ↓ | training s |',
-             '|---|---|---|---|---|---|---|---|']
+             '| setting | SWD ↓ | MMD² ↓ | high-quality fraction ↑ | modes covered | mode TV ↓ | pair-wise distance TV ↓ | training s |'
+             + ''.join(f' {e}: SWD ↓ | {e}: high-quality ↑ | {e}: modes |' for e in also),
+             '|---|---|---|---|---|---|---|---|' + '---|' * (3 * len(also))]
     for name, s in summ.items():
         f = lambda k, nd: f"{s[k][0]:.{nd}f} ± {s[k][1]:.{nd}f}"
         lines.append(f"| {name} | {f('swd', 4)} | {s['mmd2'][0]:.2e} ± {s['mmd2'][1]:.1e} | {f('hq', 3)} | "
-                     f"{s['covered'][0]:.1f} | {f('mode_tv', 3)} | {f('pdist_tv', 3)} | {s['train_s'][0]:.0f} |")
+                     f"{s['covered'][0]:.1f} | {f('mode_tv', 3)} | {f('pdist_tv', 3)} | {s['train_s'][0]:.0f} |"
+                     + ''.join(f" {f(f'swd_{e}', 4)} | {f(f'hq_{e}', 3)} | {s[f'covered_{e}'][0]:.1f} |" for e in also))
     md = '\n'.join(lines + ['', '![toy](toy.png)', ''])
     atomic_write_text(out / 'summary.md', md)
     print(md)

@@ -164,27 +164,37 @@ def sample_toy(model: nn.Module, diffusion: Diffusion, n: int = 2000, *, steps: 
               generator=g, disable=True)
 
 # %% ../nbs/api/12_toy.ipynb #fb5282b7
+def _measure(s: torch.Tensor, real: torch.Tensor, kind: str, seed: int) -> tuple[dict, torch.Tensor]:
+    "toy_metrics of samples `s`; a diverged set is a result (worst values), not a crash of the comparison."
+    if torch.isfinite(s).all(): return toy_metrics(s, real, kind, seed=seed), s
+    return (dict(swd=math.inf, mmd2=math.inf, covered=0, n_modes=toy_spec(kind)['n_modes'], hq=0.0, mode_tv=1.0,
+                 pdist_tv=1.0), torch.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0))
+
 def compare_toy(settings: dict, *, kind: str = 'gaussians', seeds=(0, 1, 2), steps: int = 3000, n_samples: int = 2000,
-                sample_steps: int = 100, progress: bool = True, **kw) -> list[dict]:
+                sample_steps: int = 100, also: dict | None = None, progress: bool = True, **kw) -> list[dict]:
     """`settings`: name -> `train_toy` keyword arguments (e.g. {'plain': {}, 'sadm': {'lam': 0.1}}). One row per
-    (setting, seed) with the metrics of `toy_metrics`, the training time and the samples."""
+    (setting, seed) with the metrics of `toy_metrics` (DDPM, `sample_steps`), the training time and the samples.
+    `also`: name -> (sampler, steps) further samplers to measure each model with, e.g. {'ddim4': ('ddim', 4)}; their
+    metrics are in the row as `<metric>_<name>`."""
     rows = []
     for name, opts in settings.items():
         for seed in seeds:
             t0 = time.perf_counter()
             run = train_toy(kind, seed=seed, **{'steps': steps, **kw, **opts})
             secs = time.perf_counter() - t0
-            s = sample_toy(run['model'], run['diffusion'], n_samples, steps=sample_steps, seed=seed + 100)
             real, _ = toy_data(kind, n_samples, seed=seed + 20_000)
-            if torch.isfinite(s).all(): m = toy_metrics(s, real, kind, seed=seed)
-            else:                                     # a diverged run is a result, not a crash of the comparison
-                m = dict(swd=math.inf, mmd2=math.inf, covered=0, n_modes=toy_spec(kind)['n_modes'], hq=0.0, mode_tv=1.0,
-                         pdist_tv=1.0)
-                s = torch.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
+            m, s = _measure(sample_toy(run['model'], run['diffusion'], n_samples, steps=sample_steps, seed=seed + 100),
+                            real, kind, seed)
+            for extra, (sampler, k) in (also or {}).items():
+                mx, _ = _measure(sample_toy(run['model'], run['diffusion'], n_samples, steps=k, sampler=sampler,
+                                            seed=seed + 100), real, kind, seed)
+                m.update({f'{key}_{extra}': v for key, v in mx.items() if key != 'n_modes'})
             rows.append(dict(setting=name, seed=seed, train_s=secs, **m, samples=s, history=run['history']))
             if progress: print(f"{name:>12} seed {seed}: swd {rows[-1]['swd']:.4f}  mmd2 {rows[-1]['mmd2']:.2e}  "
                                f"hq {rows[-1]['hq']:.3f}  modes {rows[-1]['covered']}/{rows[-1]['n_modes']}  "
-                               f"pdist_tv {rows[-1]['pdist_tv']:.4f}  ({secs:.0f} s)", flush=True)
+                               f"pdist_tv {rows[-1]['pdist_tv']:.4f}  ({secs:.0f} s)"
+                               + ''.join(f"  | {e}: swd {rows[-1][f'swd_{e}']:.4f} hq {rows[-1][f'hq_{e}']:.3f}"
+                                         for e in (also or {})), flush=True)
     return rows
 
 def summarize(rows: list[dict], keys=('swd', 'mmd2', 'hq', 'covered', 'mode_tv', 'pdist_tv', 'train_s')) -> dict:

@@ -158,12 +158,13 @@ def test_sadm_toy_and_step_time_scripts_report_every_setting(tmp_path, capsys):
     toy = _load('sadm_toy')
     toy.main(['--steps', '60', '--start', '30', '--warmup', '5', '--batch', '64', '--seeds', '0', '1', '--samples', '200',
               '--sample-steps', '5', '--lambdas', '0.1', '1', '--random-encoder', '--samplers', '2:1',
-              '--t-maxes', '0.3', '--equal-time', 'samples λ=1', '--out', str(tmp_path / 'toy')])
+              '--t-maxes', '0.3', '--equal-time', 'samples λ=1', '--also-ddim', '2', '--out', str(tmp_path / 'toy')])
     s = json.loads((tmp_path / 'toy' / 'summary.json').read_text())
     assert list(s['summary']) == ['plain', 'sadm λ=0.1', 'sadm λ=1', 'linear λ=0.1', 'linear λ=1', 'samples λ=0.1',
                                   'samples λ=1', 'random encoder λ=0.1', 'samples K=2 k=1 λ=0.1',
                                   'linear t_max=0.3 λ=0.1', 'plain, time of samples λ=1']
     assert len(s['runs']) == 22 and (tmp_path / 'toy' / 'toy.png').is_file() and s['time_ratios']['samples λ=1'] > 0
+    assert all('swd_ddim2' in r for r in s['runs']) and 'ddim2: SWD' in (tmp_path / 'toy' / 'summary.md').read_text()
     with pytest.raises(SystemExit):                  # an --equal-time name that is not a setting
         toy.main(['--steps', '4', '--start', '2', '--equal-time', 'nope', '--out', str(tmp_path / 'toy2')])
     st = _load('sadm_step_time')
