@@ -12,7 +12,7 @@ K-step sampler, gradients through the last k, at the first λ) and `--t-maxes` (
 first λ). Each model is sampled (DDPM, `--sample-steps`) with the same noise, and measured against a fresh real set
 of the same size: sliced Wasserstein-2, MMD², high-quality fraction (within 3σ of a mode), modes covered,
 mode-histogram TV, and the TV distance between pair-wise distance histograms; `--also-ddim K` measures each model
-with a K-step DDIM sampler too (what the samples variant trains). Written to `--out`: summary.json,
+with a K-step DDIM sampler too, x̂0 clipped at ±2 (the chain the samples variant trains). Written to `--out`: summary.json,
 summary.md (mean ± std over seeds) and toy.png (samples and distance histograms of the first seed).
 
     python benchmarks/sadm_toy.py                                        # 8 Gaussians, 3 seeds, every variant
@@ -72,7 +72,7 @@ def main(argv=None):
         settings[f'linear t_max={tm:g} λ={lam0:g}'] = {'lam': lam0, 'sadm': {**sadm, 'variant': 'linear', 't_max': tm}}
     unknown = [n for n in a.equal_time if n not in settings]
     if unknown: p.error(f'--equal-time names settings that are not run: {unknown}; run: {list(settings)}')
-    also = {f'ddim{k}': ('ddim', k) for k in a.also_ddim}
+    also = {f'ddim{k}': ('ddim', k, 2.0) for k in a.also_ddim}      # the chain the samples variant trains (x0_clip 2)
     kw = dict(kind=a.kind, steps=a.steps, batch_size=a.batch, n_samples=a.samples, sample_steps=a.sample_steps,
               also=also)
     rows = compare_toy(settings, seeds=a.seeds, **kw)

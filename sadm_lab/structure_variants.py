@@ -39,16 +39,20 @@ def embedding_mmd2(zr: torch.Tensor, zf: torch.Tensor, *, tau: float = 1.0) -> t
 
 # %% ../nbs/api/11a_structure_variants.ipynb #86e8de22
 def ddim_chain(model, diffusion, x: torch.Tensor, timesteps, *, y: torch.Tensor | None = None,
-               grad_steps: int = 1) -> torch.Tensor:
-    "Deterministic DDIM from `x` at `timesteps[0]` to clean data; gradients through the last `grad_steps` steps."
+               grad_steps: int = 1, clip: float | None = None) -> torch.Tensor:
+    """Deterministic DDIM from `x` at `timesteps[0]` to clean data; gradients through the last `grad_steps` steps;
+    x̂0 clamped to ±`clip` at every step when given."""
     from sadm_lab.sample import Denoiser, _abar, _pairs
     check_range('grad_steps', grad_steps, '>= 0')
     den, pairs, grad = Denoiser(model, diffusion, clip_x0=False), _pairs(diffusion, timesteps), torch.is_grad_enabled()
     for i, (t, tp) in enumerate(pairs):
         with torch.set_grad_enabled(grad and i >= len(pairs) - grad_steps):
-            out = den(x, t, y)
+            x0, eps = den(x, t, y)[:2]
+            if clip is not None:
+                x0 = x0.clamp(-clip, clip)
+                eps = diffusion.eps_from_x0(x, torch.full((len(x),), t, device=x.device), x0)
             abp = _abar(diffusion, tp)
-            x = math.sqrt(abp) * out.x0 + math.sqrt(1 - abp) * out.eps
+            x = math.sqrt(abp) * x0 + math.sqrt(1 - abp) * eps
     return x
 
 # %% ../nbs/api/11a_structure_variants.ipynb #89ea1789
@@ -102,7 +106,8 @@ class SampleStructureGame(Objective):
     def fakes(self, mb: MicroBatch) -> torch.Tensor:
         "A fake batch the size of `mb` from the few-step sampler (gradients as the caller's grad mode allows)."
         noise = torch.randn(mb.x0.shape, generator=mb.generator, device=mb.x0.device, dtype=mb.x0.dtype)
-        return ddim_chain(self.net, self.diffusion, noise, self.timesteps, y=mb.y, grad_steps=self.grad_steps)
+        return ddim_chain(self.net, self.diffusion, noise, self.timesteps, y=mb.y, grad_steps=self.grad_steps,
+                          clip=self.x0_clip)
 
     @torch.enable_grad()
     def d_update(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:

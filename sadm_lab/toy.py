@@ -154,11 +154,18 @@ def train_toy(kind: str = 'gaussians', *, steps: int = 3000, batch_size: int = 2
 
 @torch.no_grad()
 def sample_toy(model: nn.Module, diffusion: Diffusion, n: int = 2000, *, steps: int = 100, sampler: str = 'ddpm',
-               seed: int = 0) -> torch.Tensor:
-    "n points from the toy model with a respaced DDPM (default) or DDIM sampler."
+               seed: int = 0, clip: float | None = None) -> torch.Tensor:
+    """n points from the toy model with a respaced DDPM (default) or DDIM sampler; `clip` (DDIM only): x̂0 clamped to
+    ±clip at every step — the chain the `samples` structure variant trains (`structure_variants.ddim_chain`)."""
     if sampler not in ('ddpm', 'ddim'): raise ConfigError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    if clip is not None and sampler != 'ddim': raise ConfigError("clip is implemented for sampler='ddim' only")
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 2, generator=g)
+    if clip is not None:
+        from sadm_lab.structure_variants import ddim_chain
+        with torch.no_grad():
+            return ddim_chain(model, diffusion, x, space_timesteps(diffusion.num_timesteps, steps), grad_steps=0,
+                              clip=clip)
     fn = sample_ddpm if sampler == 'ddpm' else sample_ddim
     return fn(Denoiser(model, diffusion, clip_x0=False), x, space_timesteps(diffusion.num_timesteps, steps),
               generator=g, disable=True)
@@ -174,8 +181,8 @@ def compare_toy(settings: dict, *, kind: str = 'gaussians', seeds=(0, 1, 2), ste
                 sample_steps: int = 100, also: dict | None = None, progress: bool = True, **kw) -> list[dict]:
     """`settings`: name -> `train_toy` keyword arguments (e.g. {'plain': {}, 'sadm': {'lam': 0.1}}). One row per
     (setting, seed) with the metrics of `toy_metrics` (DDPM, `sample_steps`), the training time and the samples.
-    `also`: name -> (sampler, steps) further samplers to measure each model with, e.g. {'ddim4': ('ddim', 4)}; their
-    metrics are in the row as `<metric>_<name>`."""
+    `also`: name -> (sampler, steps) or (sampler, steps, clip) further samplers to measure each model with, e.g.
+    {'ddim4': ('ddim', 4, 2.0)}; their metrics are in the row as `<metric>_<name>`."""
     rows = []
     for name, opts in settings.items():
         for seed in seeds:
@@ -185,9 +192,9 @@ def compare_toy(settings: dict, *, kind: str = 'gaussians', seeds=(0, 1, 2), ste
             real, _ = toy_data(kind, n_samples, seed=seed + 20_000)
             m, s = _measure(sample_toy(run['model'], run['diffusion'], n_samples, steps=sample_steps, seed=seed + 100),
                             real, kind, seed)
-            for extra, (sampler, k) in (also or {}).items():
+            for extra, (sampler, k, *clip) in (also or {}).items():
                 mx, _ = _measure(sample_toy(run['model'], run['diffusion'], n_samples, steps=k, sampler=sampler,
-                                            seed=seed + 100), real, kind, seed)
+                                            seed=seed + 100, clip=clip[0] if clip else None), real, kind, seed)
                 m.update({f'{key}_{extra}': v for key, v in mx.items() if key != 'n_modes'})
             rows.append(dict(setting=name, seed=seed, train_s=secs, **m, samples=s, history=run['history']))
             if progress: print(f"{name:>12} seed {seed}: swd {rows[-1]['swd']:.4f}  mmd2 {rows[-1]['mmd2']:.2e}  "
