@@ -22,7 +22,8 @@ choices below can be told apart):
   omega=dsm        within the t-range, each sample weighted by the denoising loss's own x0-space weight (capped).
 With `--variants`, the consistent variants of the structure term (`sadm.variant`), at λ = `--ablation-lam`:
   linear           the unbiased linear game; samples: MMD² of a 2-step DDIM sampler's output against data (gradients
-  through its last step); representation: the hidden tokens' structure against a frozen outside classifier's.
+  through its last step), samples-sn the same with a spectral-normalised discriminator; representation: the hidden
+  tokens' structure against a frozen outside classifier's.
 FID (classifier features, `--eval-samples` samples, against the whole training split, with its real-vs-real floor)
 and the memorisation check at `--evals` points of each fine-tuning; the structure distance between held-out images
 and the model's one-step predictions of them, in pixel space, is logged by the SADM arms. Written to `--out`:
@@ -48,6 +49,7 @@ VARIANT_ARMS = {       # the consistent variants (sadm_lab.structure_variants), 
     'linear': ['sadm.variant=linear'],
     'samples': ['sadm.variant=samples', 'sadm.sampler_steps=2', 'sadm.grad_steps=1'],
     'representation': ['sadm.variant=representation'],
+    'samples-sn': ['sadm.variant=samples', 'sadm.sampler_steps=2', 'sadm.grad_steps=1', 'sadm.spectral_norm=true'],
 }
 
 

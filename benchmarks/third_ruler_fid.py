@@ -4,12 +4,14 @@ nor the representation term's outside classifier (seed 1, width 48, 96 features)
 against one feature space cannot have gamed the ruler.
 
 For every run folder given (e.g. the arms of `sadm_finetune.py`), the EMA weights of its last checkpoint draw
-`--samples` images with the run's own sampler settings and a fixed seed; their FID against the run's training images
-is measured with a `FeatureCNN` of another recipe (`--seed`, `--width`, `--feat-dim`; trained once on the data and
+`--samples` images with the run's own sampler settings (or `--sampler`, `--steps`) and a fixed seed; their FID
+against the run's training images is measured with a `FeatureCNN` of another recipe (`--seed`, `--width`, `--feat-dim`; trained once on the data and
 cached like the FID classifier), with the real-vs-real floor of the same protocol, beside the FID the run itself
 logged last. Runs named `<arm>-s<seed>` are summarised per arm (mean ± std). Prints a table and JSON (`--json`).
 
     python benchmarks/third_ruler_fid.py runs/sadm-finetune/*-s*       # every fine-tuning run of a comparison
+    python benchmarks/third_ruler_fid.py runs/sadm-finetune/*-s* --sampler ddim --steps 2 --seed 0 --width 32 \
+        --feat-dim 128                       # a 2-step DDIM chain under the FID classifier's own recipe
 """
 from __future__ import annotations
 import argparse, json, re, statistics
@@ -31,9 +33,10 @@ def run_fid(run: Path, a, cache: dict) -> dict:
                                   width=a.width, feat_dim=a.feat_dim, progress=False)
         cache[key] = FIDEvaluator(data.images, ext, n=a.samples)
     sc = cfg.sample
+    sampler, steps = a.sampler or sc.sampler, a.steps or sc.steps
     with torch.no_grad():
-        imgs = generate(model, diffusion, a.samples, sampler=sc.sampler, steps=sc.steps, eta=sc.eta,
-                        cfg_scale=sc.cfg_scale, batch_size=sc.batch_size,
+        imgs = generate(model, diffusion, a.samples, sampler=sampler, steps=steps,
+                        eta=sc.eta if sampler == 'ddim' else 0., cfg_scale=sc.cfg_scale, batch_size=sc.batch_size,
                         generator=torch.Generator().manual_seed(1234), progress=False)
     res = cache[key](imgs)
     evals = [r for r in RunDir(run).read_metrics() if r.get('kind') == 'eval']
@@ -51,6 +54,8 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=2)
     p.add_argument('--width', type=int, default=24)
     p.add_argument('--feat-dim', type=int, default=64)
+    p.add_argument('--sampler', help="sampler (default: each run's own), e.g. ddim with --steps 2 for a few-step chain")
+    p.add_argument('--steps', type=int, help="sampling steps (default: each run's own)")
     p.add_argument('--json', help='also write the JSON here')
     a = p.parse_args(argv)
     runs = [Path(r) for r in a.runs]
@@ -67,6 +72,7 @@ def main(argv=None):
                      for k in ('fid_third', 'fid_logged') if all(x[k] is not None for x in rs)}
                for arm, rs in arms.items()}
     res = {'recipe': {'seed': a.seed, 'width': a.width, 'feat_dim': a.feat_dim}, 'samples': a.samples,
+           'sampler': a.sampler, 'steps': a.steps,
            'floor_third': rows[0]['floor_third'], 'runs': rows, 'summary': summary}
     print(json.dumps(res))
     if a.json: atomic_write_json(Path(a.json), res)

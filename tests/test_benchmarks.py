@@ -191,4 +191,6 @@ def test_third_ruler_fid_measures_each_run_with_another_feature_network(tmp_path
     assert res['summary']['arm']['fid_third'][1] > 0                    # two seeds: a spread
     nets = sorted(p.name for p in (tmp_path / 'cache' / 'feature_nets').iterdir() if p.suffix == '.safetensors')
     assert len(nets) == 2                            # the run's own FID classifier and the third one: not the same
+    ddim = third.main([str(tmp_path / 'arm-s0'), '--samples', '20', '--sampler', 'ddpm', '--steps', '3'])
+    assert ddim['sampler'] == 'ddpm' and ddim['runs'][0]['fid_third'] != res['runs'][0]['fid_third']
     with pytest.raises(SystemExit): third.main([str(tmp_path)])
