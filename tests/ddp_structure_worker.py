@@ -54,7 +54,7 @@ if rank == 0:                                       # one process, the whole bat
 # the trainer with the structure over the gathered global batch
 cfg = get_config('smoke', ['train.steps=4', 'eval.enabled=false', 'train.sample_every=0', 'sample.grid_size=4',
                            'sample.steps=2', 'train.log_every=2', 'train.batch_size=8', 'sadm.enabled=true',
-                           'sadm.global_batch=true', 'sadm.warmup_steps=0', 'sadm.heldout_size=8'])
+                           'sadm.variant=literal', 'sadm.global_batch=true', 'sadm.warmup_steps=0', 'sadm.heldout_size=8'])
 tr = Trainer(cfg, out / 'run', progress=False, accelerator=acc).fit()
 res.update(model=tr.unwrapped.state_dict(), encoder=tr.objectives['sadm'].encoder.state_dict(), world=world)
 torch.save(res, out / f'rank{rank}.pt')

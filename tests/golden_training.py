@@ -34,12 +34,14 @@ RUNS = {
                           'mask.ratio=0.5', 'mask.pretrain_steps=5'],
     'maskdit-mae': ['model.preset=MaskDiT-T/2', 'mask.strategy=patch', 'mask.ratio=0.5', 'mask.mae_weight=0.1',
                     'mask.pretrain_steps=6'],
-    'sadm': ['sadm.enabled=true', 'sadm.weight=0.5', 'sadm.start_step=3', 'sadm.warmup_steps=3', 'sadm.heldout_size=8'],
-    'sadm-options': ['sadm.enabled=true', 'sadm.weight=0.3', 'sadm.warmup_steps=0', 'sadm.time_cond=true',
+    'sadm': ['sadm.enabled=true', 'sadm.variant=literal',
+             'sadm.weight=0.5', 'sadm.start_step=3', 'sadm.warmup_steps=3', 'sadm.heldout_size=8'],
+    'sadm-options': ['sadm.enabled=true', 'sadm.variant=literal',
+                     'sadm.weight=0.3', 'sadm.warmup_steps=0', 'sadm.time_cond=true',
                      'sadm.r1_gamma=0.1', 'sadm.d_every=2', 'sadm.d_steps=2', 'sadm.affinity=softmax', 'sadm.omega=dsm',
                      'sadm.spectral_norm=true', 'train.grad_accum=2', 'sadm.heldout_size=0'],
     'sadm-after-masked': ['mask.strategy=patch', 'mask.ratio=0.5', 'mask.pretrain_steps=4', 'sadm.enabled=true',
-                          'sadm.weight=0.2', 'sadm.start_step=6', 'sadm.warmup_steps=2', 'sadm.affinity=gaussian',
+                          'sadm.variant=literal', 'sadm.weight=0.2', 'sadm.start_step=6', 'sadm.warmup_steps=2', 'sadm.affinity=gaussian',
                           'sadm.p=2', 'sadm.omega=snr', 'sadm.heldout_size=8'],
 }
 

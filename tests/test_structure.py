@@ -13,7 +13,7 @@ from sadm_lab.train import Trainer, RunDir
 
 FAST = ['train.device=cpu', 'eval.enabled=false', 'train.sample_every=0', 'sample.grid_size=4', 'sample.steps=2',
         'train.log_every=2', 'train.ckpt_every=4', 'train.steps=8']
-SADM = ['sadm.enabled=true', 'sadm.warmup_steps=2', 'sadm.heldout_size=16', 'sadm.d_lr=1e-3']
+SADM = ['sadm.enabled=true', 'sadm.variant=literal', 'sadm.warmup_steps=2', 'sadm.heldout_size=16', 'sadm.d_lr=1e-3']
 
 
 def _cfg(*over):

@@ -31,8 +31,8 @@ def tiny():
 def sadm_run(tmp_path_factory):
     "A finished 6-step SADM run of the smoke preset (structure encoder in its checkpoint)."
     d = tmp_path_factory.mktemp('sadm') / 'run'
-    cfg = get_config('smoke', ['train.steps=6', 'train.ckpt_every=3', 'sadm.enabled=true', 'sadm.warmup_steps=0',
-                               'sadm.affinity=gaussian', 'sadm.tau=4.0', 'eval.enabled=false', 'mask.strategy=block',
+    cfg = get_config('smoke', ['train.steps=6', 'train.ckpt_every=3', 'sadm.enabled=true', 'sadm.variant=literal',
+                               'sadm.warmup_steps=0', 'sadm.affinity=gaussian', 'sadm.tau=4.0', 'eval.enabled=false', 'mask.strategy=block',
                                'mask.ratio=0.5', 'mask.block_size=2', 'mask.pretrain_steps=2', 'sadm.start_step=3'])
     Trainer(cfg, d, progress=False).fit()
     return d
