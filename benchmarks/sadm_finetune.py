@@ -55,10 +55,10 @@ VARIANT_ARMS = {       # the consistent variants (sadm_lab.structure_variants), 
 
 def arm_overrides(arm: str, a) -> list[str]:
     "The sadm.* settings of an arm."
-    on = ['sadm.enabled=true', f'sadm.weight={a.ablation_lam}']
+    on = ['sadm.enabled=true', 'sadm.variant=literal', f'sadm.weight={a.ablation_lam}']   # literal unless a variant
     if arm in ('plain', 'plain-time'): return []
-    if arm == 'sadm': return ['sadm.enabled=true', f'sadm.weight={a.lam}']
-    if arm.startswith('lam='): return ['sadm.enabled=true', f'sadm.weight={arm[4:]}']
+    if arm == 'sadm': return ['sadm.enabled=true', 'sadm.variant=literal', f'sadm.weight={a.lam}']
+    if arm.startswith('lam='): return ['sadm.enabled=true', 'sadm.variant=literal', f'sadm.weight={arm[4:]}']
     if arm == 'random-encoder': return on + ['sadm.d_steps=0']
     if arm in ('gaussian', 'softmax'): return on + [f'sadm.affinity={arm}']
     if arm == 'time-cond': return on + ['sadm.time_cond=true']

@@ -23,14 +23,14 @@ from sadm_lab.config import get_config   # noqa: E402
 from sadm_lab.train import Trainer   # noqa: E402
 
 VARIANTS = {
-    'sadm': ['sadm.enabled=true'],
+    'sadm': ['sadm.enabled=true', 'sadm.variant=literal'],
     'linear': ['sadm.enabled=true', 'sadm.variant=linear'],
     'samples K=4 k=1': ['sadm.enabled=true', 'sadm.variant=samples', 'sadm.sampler_steps=4', 'sadm.grad_steps=1'],
     'representation': ['sadm.enabled=true', 'sadm.variant=representation', 'sadm.outside_encoder=random'],
-    'sadm, time-conditioned encoder': ['sadm.enabled=true', 'sadm.time_cond=true'],
-    'sadm, R1 gamma=1': ['sadm.enabled=true', 'sadm.r1_gamma=1'],
-    'sadm, d_steps=2': ['sadm.enabled=true', 'sadm.d_steps=2'],
-    'sadm, spectral norm': ['sadm.enabled=true', 'sadm.spectral_norm=true'],
+    'sadm, time-conditioned encoder': ['sadm.enabled=true', 'sadm.variant=literal', 'sadm.time_cond=true'],
+    'sadm, R1 gamma=1': ['sadm.enabled=true', 'sadm.variant=literal', 'sadm.r1_gamma=1'],
+    'sadm, d_steps=2': ['sadm.enabled=true', 'sadm.variant=literal', 'sadm.d_steps=2'],
+    'sadm, spectral norm': ['sadm.enabled=true', 'sadm.variant=literal', 'sadm.spectral_norm=true'],
     'samples K=2 k=1': ['sadm.enabled=true', 'sadm.variant=samples', 'sadm.sampler_steps=2', 'sadm.grad_steps=1'],
     'samples K=4 k=2': ['sadm.enabled=true', 'sadm.variant=samples', 'sadm.sampler_steps=4', 'sadm.grad_steps=2'],
 }

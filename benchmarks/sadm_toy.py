@@ -62,7 +62,8 @@ def main(argv=None):
     for v in a.variants:
         settings.update({(f'sadm λ={x:g}' if v == 'literal' else f'{v} λ={x:g}'):
                          {'lam': x, 'sadm': {**sadm, 'variant': v}} for x in a.lambdas})
-    if a.random_encoder: settings[f'random encoder λ={lam0:g}'] = {'lam': lam0, 'sadm': {**sadm, 'd_steps': 0}}
+    if a.random_encoder:
+        settings[f'random encoder λ={lam0:g}'] = {'lam': lam0, 'sadm': {**sadm, 'variant': 'literal', 'd_steps': 0}}
     for spec in a.samplers:
         try: K, k = (int(x) for x in spec.split(':'))
         except ValueError: p.error(f'--samplers takes K:k pairs such as 4:1, got {spec!r}')

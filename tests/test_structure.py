@@ -74,7 +74,7 @@ def test_the_toy_and_the_trainer_play_the_same_game(monkeypatch):
                           encoder={k: v.clone() for k, v in self.encoder.state_dict().items()}))
         return term
     monkeypatch.setattr(StructureGame, 'loss', record)
-    sadm = {'warmup_steps': 3, 'd_steps': 2, 'r1_gamma': 0.1, 'start_step': 2, 'time_cond': True}
+    sadm = {'variant': 'literal', 'warmup_steps': 3, 'd_steps': 2, 'r1_gamma': 0.1, 'start_step': 2, 'time_cond': True}
     toy.train_toy('gaussians', steps=6, batch_size=32, lam=0.5, sadm=sadm, log_every=6)
     assert [c['step'] for c in calls] == [2, 3, 4, 5]
     monkeypatch.setattr(StructureGame, 'loss', orig)
