@@ -78,13 +78,13 @@ def test_demo_trains_its_stages_and_reports_them(tmp_path):
     assert '| pre-training | 1–2 | 0.75 | – |' in text and '| fine-tuning | 3–4 | 0 | – |' in text and '| SADM | 5–6 | 0 | 0.01 |' in text, text
     assert ('![pre-training](samples/step-0000002.png) ![fine-tuning](samples/step-0000004.png) '
             '![SADM](samples/step-0000006.png)') in text
-    assert '`sadm` is the structure game' in text
-    r = cli('demo', '--no-progress', '--unmasked', '--run-dir', tmp_path / 'u', *TINY_DEMO, 'sadm.variant=linear')
+    assert 'the structure objective `linear` (`sadm.variant`)' in text              # the default variant
+    r = cli('demo', '--no-progress', '--unmasked', '--run-dir', tmp_path / 'u', *TINY_DEMO, 'sadm.variant=literal')
     assert r.returncode == 0, r.stderr
     cfg = json.loads((tmp_path / 'u' / 'config.json').read_text())
     assert cfg['mask']['strategy'] == 'none' and cfg['sadm']['enabled'] and cfg['sadm']['start_step'] == 4
     text = (tmp_path / 'u' / 'report.md').read_text()
-    assert '| training | 1–4 |' in text and 'the structure objective `linear` (`sadm.variant`)' in text
+    assert '| training | 1–4 |' in text and '`sadm` is the structure game' in text
     r = cli('demo', '--no-progress', '--unmasked', '--no-sadm', '--run-dir', tmp_path / 'p', *TINY_DEMO)
     assert r.returncode == 0, r.stderr
     assert not json.loads((tmp_path / 'p' / 'config.json').read_text())['sadm']['enabled']
