@@ -101,10 +101,11 @@ class SadmConfig:
     global_batch: bool = False           # under data parallelism: structure over the gathered global batch
     heldout_size: int = 64               # held-out images for the logged structure distance (0 = off)
     # which structure objective (see sadm_lab.structure_variants and the stationarity check):
-    variant: str = 'linear'              # 'linear' (unbiased: linear encoder, dot affinity, p=2; the default: it passes
-                                         # the stationarity check and did no harm), 'literal' (x0 vs x0-hat through the
-                                         # conv encoder; biased), 'samples' (MMD^2 of a short sampler's output against
-                                         # data), 'representation' (hidden tokens' structure vs a frozen outside encoder)
+    variant: str = 'linear'              # 'linear' (unbiased: linear encoder, dot affinity, p=2; the default: it
+                                         # passes the stationarity check and did no harm), 'literal' (x0 vs x0-hat
+                                         # through the conv encoder; biased), 'samples' (MMD^2 of a short sampler's
+                                         # output against data), 'representation' (hidden tokens' structure vs a
+                                         # frozen outside encoder)
     sampler_steps: int = 4               # 'samples': DDIM steps of the differentiable sampler
     grad_steps: int = 1                  # 'samples': gradients flow through the last this many of them
     repr_layer: int = -1                 # 'representation': which transformer block's tokens (-1 = the middle one)
