@@ -20,10 +20,10 @@ from .structure import AFFINITIES, OMEGAS, P_NORMS, VARIANTS
 from .structure_variants import OUTSIDE_ENCODERS
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'WEIGHTS', 'CHOICES', 'RANGES', 'PRESETS', 'RESUMABLE', 'DataConfig', 'ModelConfig', 'DiffusionConfig',
-           'MaskConfig', 'SadmConfig', 'TrainConfig', 'SampleConfig', 'EvalConfig', 'RunConfig', 'validate', 'all_keys',
-           'get_value', 'parse_value', 'set_value', 'apply_overrides', 'from_dict', 'load_config', 'flatten',
-           'get_config', 'config_diff', 'check_resumable']
+__all__ = ['PRECISIONS', 'TRACKERS', 'WEIGHTS', 'CHOICES', 'RANGES', 'PRESETS', 'RESUMABLE', 'DataConfig', 'ModelConfig',
+           'DiffusionConfig', 'MaskConfig', 'SadmConfig', 'TrainConfig', 'SampleConfig', 'EvalConfig', 'RunConfig',
+           'validate', 'all_keys', 'get_value', 'parse_value', 'set_value', 'apply_overrides', 'from_dict',
+           'load_config', 'flatten', 'get_config', 'config_diff', 'check_resumable']
 
 # %% ../nbs/api/01_config.ipynb #72f1621f
 @dataclass
@@ -46,6 +46,8 @@ class ModelConfig:
     mlp_ratio: Optional[float] = None    # MLP hidden ratio override
     class_dropout_prob: float = 0.1      # label dropout for classifier-free guidance (0 = none)
     learn_sigma: bool = False            # output 2C channels like the official DiT (only the first C are trained)
+    # DiT timestep features 10000^(-i/(128 - shift)): 0 as the official DiT, 1 as diffusers' DiTTransformer2DModel
+    time_freq_shift: int = 0
 
 @dataclass
 class DiffusionConfig:
@@ -132,6 +134,8 @@ class TrainConfig:
     # initialise the weights from a run folder or checkpoint (fine-tuning, transfer)
     init_from: Optional[str] = None
     init_weights: str = 'model'          # which weights of a sadm_lab checkpoint: 'model' (MaskDM's choice) or 'ema'
+    log_with: str = 'none'               # also log to an experiment tracker (through accelerate): 'none',
+                                         # 'tensorboard', 'wandb' or 'mlflow'; the run folder stays the record
     device: str = 'auto'                 # 'auto', 'cpu', 'cuda' (ignored under accelerate launch)
     log_every: int = 10                  # steps between metrics.jsonl lines
     ckpt_every: int = 500                # steps between checkpoints (also at the end)
@@ -172,6 +176,7 @@ class RunConfig:
 
 # %% ../nbs/api/01_config.ipynb #6f676c01
 PRECISIONS = ('fp32', 'bf16', 'fp16')           # train.precision: bf16 autocast (CPU and GPU) or fp16 (CUDA only)
+TRACKERS = ('none', 'tensorboard', 'wandb', 'mlflow')   # train.log_with: experiment trackers through accelerate
 WEIGHTS = ('model', 'ema')                      # which weights of a checkpoint (train.init_weights, `sadm-lab sample`)
 
 CHOICES = {
@@ -179,6 +184,7 @@ CHOICES = {
     'diffusion.schedule': SCHEDULES, 'diffusion.prediction': PREDICTIONS, 'diffusion.loss_weighting': LOSS_WEIGHTINGS,
     'mask.strategy': ('none',) + STRATEGIES, 'mask.anneal': ANNEALS,
     'train.init_weights': WEIGHTS, 'train.precision': PRECISIONS, 'train.lr_schedule': LR_SCHEDULES,
+    'train.log_with': TRACKERS, 'model.time_freq_shift': (0, 1),
     'sample.sampler': tuple(SAMPLERS), 'eval.features': FEATURES,
     'sadm.omega': OMEGAS, 'sadm.affinity': AFFINITIES, 'sadm.p': P_NORMS, 'sadm.variant': VARIANTS,
     'sadm.outside_encoder': OUTSIDE_ENCODERS,
@@ -232,6 +238,9 @@ def _cross_key_problems(cfg: RunConfig):
     if mc.mae_weight > 0 and not m.preset.startswith('MaskDiT'):
         yield (f"mask.mae_weight={mc.mae_weight} needs a MaskDiT preset (model.preset=MaskDiT-...), not {m.preset!r}: "
                "only MaskDiT reconstructs the masked patches")
+    if m.time_freq_shift and not m.preset.startswith('DiT-'):
+        yield (f"model.time_freq_shift={m.time_freq_shift} is a DiT option (diffusers' timestep features); "
+               f"{m.preset!r} is not a DiT preset")
     if m.preset not in presets:
         close = difflib.get_close_matches(m.preset, presets, n=3)
         yield (f"model.preset={m.preset!r} is not a known preset"
@@ -412,7 +421,7 @@ def get_config(preset: str = 'digits-dit', overrides=()) -> RunConfig:
     return apply_overrides(cfg, overrides)
 
 # %% ../nbs/api/01_config.ipynb #01d244e4
-RESUMABLE = {'name', 'train.steps', 'train.log_every', 'train.ckpt_every', 'train.keep_checkpoints',
+RESUMABLE = {'name', 'train.steps', 'train.log_every', 'train.ckpt_every', 'train.keep_checkpoints', 'train.log_with',
              'train.sample_every', 'train.eval_every', 'train.device', 'train.compile',
              'sample.sampler', 'sample.steps', 'sample.eta', 'sample.cfg_scale', 'sample.grid_size',
              'sample.batch_size',

@@ -54,6 +54,7 @@ def build_network(cfg: RunConfig, data: ImageData) -> nn.Module:
     # DiT sizes its label table by it; U-ViT has no such option
     if 'class_dropout_prob' in inspect.signature(cls).parameters:
         overrides['class_dropout_prob'] = m.class_dropout_prob if num_classes else 0.0
+    if m.time_freq_shift: overrides['time_freq_shift'] = m.time_freq_shift     # (DiT only: the config checks it)
     try:
         return build_model(m.preset, input_size=h, in_channels=c, num_classes=num_classes, learn_sigma=m.learn_sigma,
                            **overrides)

@@ -51,17 +51,17 @@ class DiT(nn.Module):
     returns_all_tokens = False              # a keep_idx call returns the kept tokens only (`masking.TokenView`)
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 num_classes: int = 1000, learn_sigma: bool = True):
+                 num_classes: int = 1000, learn_sigma: bool = True, time_freq_shift: int = 0):
         super().__init__()
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
-        self.learn_sigma = learn_sigma
+        self.learn_sigma, self.time_freq_shift = learn_sigma, time_freq_shift
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.hidden_size, self.depth, self.num_heads, self.mlp_ratio = hidden_size, depth, num_heads, mlp_ratio
         self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.num_patches = self.x_embedder.num_patches
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=time_freq_shift)  # 1: diffusers' DiT features
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
         # fixed sin-cos positions; a frozen Parameter (not a buffer) exactly like the official release
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, hidden_size), requires_grad=False)

@@ -73,11 +73,12 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 # %% ../../nbs/api/04a_models.layers.ipynb #1ede7025
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000., freq_shift: int = 0) -> torch.Tensor:
     """Sinusoidal features of (possibly fractional) timesteps t (B,) -> (B, dim): [cos(t·f_i), sin(t·f_i)], f_i =
-    max_period^(-i/half)."""
+    max_period^(-i/(half - freq_shift)); `freq_shift` 0 is the official DiT, 1 diffusers' `downscale_freq_shift=1`."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - freq_shift))
     args = t[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2: emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
@@ -85,15 +86,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.) ->
 
 class TimestepEmbedder(nn.Module):
     "Sinusoidal timestep features -> Linear -> SiLU -> Linear (DiT); keys `mlp.0`, `mlp.2`."
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: int = 0):
         super().__init__()
-        self.frequency_embedding_size = frequency_embedding_size
+        self.frequency_embedding_size, self.freq_shift = frequency_embedding_size, freq_shift
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         # features in the weights' dtype, so the module also works in float64 / bf16
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
+        emb = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 class LabelEmbedder(nn.Module):
     """Class-label table with a null-class row `num_classes` when `dropout_prob > 0` (for CFG); never drops labels
