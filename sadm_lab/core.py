@@ -15,7 +15,7 @@ import torch
 __all__ = ['SadmError', 'ConfigError', 'DataError', 'CheckpointError', 'exists', 'default', 'in_range', 'problem_with',
            'check_range', 'check_choice', 'get_device', 'seed_everything', 'seeded', 'torch_threads', 'sync',
            'memory_now', 'peak_memory_mb', 'atomic_write', 'atomic_write_text', 'atomic_write_json',
-           'atomic_torch_save', 'safe_torch_load']
+           'atomic_torch_save', 'safe_torch_load', 'provenance']
 
 # %% ../nbs/api/00_core.ipynb #8334306a
 class SadmError(Exception):
@@ -197,3 +197,17 @@ def safe_torch_load(path, map_location='cpu'):
         raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}. "
                               "Only tensors/containers are accepted (weights_only=True); "
                               "the file may be truncated, corrupt or not a torch checkpoint.") from e
+
+# %% ../nbs/api/00_core.ipynb #6aa65472
+def provenance() -> dict:
+    "{'sadm_lab': version, 'commit': git commit of a checkout (None for an installed copy), 'torch': version}."
+    import subprocess
+    import sadm_lab
+    here, commit = Path(sadm_lab.__file__).resolve().parent, None
+    if (here.parent / '.git').exists():                   # an editable install inside a checkout
+        try:
+            out = subprocess.run(['git', '-C', str(here.parent), 'rev-parse', 'HEAD'], capture_output=True,
+                                 text=True, timeout=10)
+            if out.returncode == 0: commit = out.stdout.strip() or None
+        except (OSError, subprocess.SubprocessError): pass
+    return {'sadm_lab': sadm_lab.__version__, 'commit': commit, 'torch': torch.__version__.split('+')[0]}

@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/06_train.ipynb #44986bb6
 from __future__ import annotations
-import contextlib, functools, inspect, json, time
+import contextlib, functools, importlib.util, inspect, json, os, time, warnings
 from copy import deepcopy
 from pathlib import Path
 
@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from .core import (SadmError, ConfigError, CheckpointError, atomic_torch_save, atomic_write_json,
-                           atomic_write_text, safe_torch_load, get_device, peak_memory_mb, seeded, check_choice)
-from .config import WEIGHTS, RunConfig, load_config, check_resumable, validate, from_dict, config_diff
+                           atomic_write_text, safe_torch_load, get_device, peak_memory_mb, seeded, check_choice,
+                           provenance)
+from .config import (WEIGHTS, TRACKERS, RunConfig, load_config, check_resumable, validate, from_dict,
+                             config_diff)
 from .data import load_data, ImageData
 from .diffusion import Diffusion, drop_labels
 from .models import MODELS, build_model, family_of
@@ -24,9 +26,10 @@ from .sample import generate
 from .viz import save_image_grid
 
 # %% auto #0
-__all__ = ['build_data', 'build_reference_data', 'build_network', 'build_diffusion', 'EMA', 'BatchStream', 'step_generator',
-           'Callback', 'RunDir', 'check_state_dict', 'load_weights', 'checkpoint_weights', 'read_weights',
-           'make_evaluator', 'check_eval_settings', 'make_accelerator', 'Trainer', 'LogWindow', 'training_clock',
+__all__ = ['TRACKER_PACKAGES', 'build_data', 'build_reference_data', 'build_network', 'build_diffusion', 'EMA', 'BatchStream',
+           'step_generator', 'Callback', 'RunDir', 'check_state_dict', 'load_weights', 'checkpoint_weights',
+           'read_weights', 'make_evaluator', 'check_eval_settings', 'make_accelerator', 'Trainer', 'LogWindow',
+           'TrackerWarning', 'check_tracker', 'accelerator_trackers', 'tracker_config', 'training_clock',
            'training_time', 'load_run', 'lr_at']
 
 # %% ../nbs/api/06_train.ipynb #5cae7f52
@@ -151,6 +154,8 @@ class RunDir:
     def samples_dir(self): return self.path / 'samples'
     @property
     def schedule_path(self): return self.path / 'schedule.json'
+    @property
+    def tracker_dir(self): return self.path / 'tracker'
 
     def checkpoints(self) -> list[Path]:
         return sorted(self.ckpt_dir.glob('ckpt-*.pt'))
@@ -221,10 +226,17 @@ def checkpoint_weights(ck: dict, weights: str = 'model') -> dict:
         return {k[len('model.'):]: v for k, v in ck['ema'].items() if k.startswith('model.')}
     return ck['model']
 
-def read_weights(path, *, weights: str = 'model') -> dict:
+def read_weights(path, *, weights: str = 'model', like: nn.Module | None = None) -> dict:
     """A network state dict from a run folder (its latest checkpoint), a sadm_lab checkpoint ('model' or 'ema'
-    weights), an official DiT release file (a plain state dict) or a DiT training checkpoint ({'model', 'ema', ...})."""
+    weights), an official DiT release file (a plain state dict), a DiT training checkpoint ({'model', 'ema', ...}), a
+    `.safetensors` file (e.g. from `sadm-lab export`) or a diffusers DiT folder / hub id (`sadm_lab.interop`; checked
+    against the network `like` when given)."""
+    from sadm_lab import interop
+    if interop.is_diffusers_source(path) or interop.is_hub_id(path):
+        if like is not None: interop.check_init_fits(path, like)
+        return interop.read_diffusers_weights(path, like=like)
     path = Path(path)
+    if path.suffix == '.safetensors': return interop.read_safetensors(path)[0]
     if path.is_dir():
         ck_path = RunDir(path).latest_checkpoint()
         if ck_path is None:
@@ -262,8 +274,10 @@ def check_eval_settings(data: ImageData, *, features: str, n: int | None):
                           f"eval.num_samples<={len(data) // 2}")
 
 # %% ../nbs/api/06_train.ipynb #d0f71220
-def make_accelerator(tc):
-    "An `Accelerator` for `train.device` and `train.precision` (fp16 needs CUDA; bf16 runs on CPUs and most GPUs)."
+def make_accelerator(tc, project_dir=None):
+    """An `Accelerator` for `train.device` and `train.precision` (fp16 needs CUDA; bf16 runs on CPUs and most GPUs),
+    with the experiment tracker of `train.log_with` logging under `<project_dir>/tracker` (the run folder; see
+    "Experiment trackers")."""
     from accelerate import Accelerator
     dev = tc.device
     use_cpu = dev == 'cpu' or (dev == 'auto' and not torch.cuda.is_available())
@@ -272,7 +286,18 @@ def make_accelerator(tc):
         raise ConfigError("train.precision='fp16' needs a CUDA device; use 'bf16' on CPU")
     if tc.precision == 'bf16' and not use_cpu and not torch.cuda.is_bf16_supported():
         raise ConfigError("train.precision='bf16' is not supported by this GPU; use 'fp16' or 'fp32'")
-    return Accelerator(cpu=use_cpu, mixed_precision='fp16' if tc.precision == 'fp16' else 'no')
+    track = {}
+    if tc.log_with != 'none':
+        check_tracker(tc.log_with)
+        if project_dir is None and tc.log_with == 'tensorboard':
+            raise ConfigError("train.log_with='tensorboard' writes into the run folder: "
+                              "make_accelerator(tc, project_dir=run_dir)")
+        track['log_with'] = tc.log_with
+        if project_dir is not None:
+            from accelerate.utils import ProjectConfiguration
+            track['project_config'] = ProjectConfiguration(project_dir=str(project_dir),
+                                                           logging_dir=str(RunDir(project_dir).tracker_dir))
+    return Accelerator(cpu=use_cpu, mixed_precision='fp16' if tc.precision == 'fp16' else 'no', **track)
 
 class Trainer:
     """Train a diffusion transformer as `cfg` says in the run folder `run_dir` (see above); `schedule`: the stages
@@ -282,7 +307,14 @@ class Trainer:
         self.cfg, self.run = validate(cfg), RunDir(run_dir)
         self.callbacks, self.progress = list(callbacks), progress
         tc = cfg.train
-        self.acc = accelerator if accelerator is not None else make_accelerator(tc)
+        check_tracker(tc.log_with)                           # a missing tracker package fails before anything runs
+        self.acc = accelerator if accelerator is not None else make_accelerator(tc, project_dir=self.run.path)
+        if tc.log_with != 'none' and tc.log_with not in accelerator_trackers(self.acc):
+            how = ("build it with make_accelerator(cfg.train, project_dir=run_dir)" if accelerator is not None else
+                   "accelerate did not find the package when it was imported (installed since? restart Python)")
+            raise ConfigError(f"train.log_with={tc.log_with!r}, but the accelerator was built without it "
+                              f"(log_with={accelerator_trackers(self.acc)}): {how}")
+        self.tracking, self._tracker_warned, self._mlflow_uri = False, False, None   # (`start_tracking`)
         self.device, self.is_main = self.acc.device, self.acc.is_main_process
         self.resume_from = self._prepare_run_dir(resume)      # the checkpoint to continue from, or None
         self.schedule = self._resolve_schedule(schedule)
@@ -294,7 +326,7 @@ class Trainer:
             raise SadmError(f"dataset {cfg.data.name!r} has {len(self.data)} images; need at least 2")
         with seeded(tc.seed): net = build_network(cfg, self.data)     # the initial weights depend on the seed only
         if tc.init_from and self.resume_from is None:       # on resume the run's own checkpoint wins
-            load_weights(net, read_weights(tc.init_from, weights=tc.init_weights),
+            load_weights(net, read_weights(tc.init_from, weights=tc.init_weights, like=net),
                          source=f"train.init_from={tc.init_from}")
         self.diffusion = build_diffusion(cfg)
         self.ema = EMA(net, tc.ema_decay).to(self.device) if tc.ema_decay > 0 else None
@@ -542,6 +574,7 @@ def _log_line(self, window: LogWindow, last: dict) -> dict:
         stage = self.schedule.at(step - 1)
         for o in self.objectives.values(): logs.update(o.metrics(self.unwrapped, step - 1, stage))
         self.run.append_metrics(logs)
+        self.track(logs)
         for cb in self.callbacks: cb.on_log(self, logs)
     return logs
 
@@ -567,6 +600,7 @@ def _save_samples(self) -> Path | None:
     k = self.sampling_model.num_classes   # class-conditional: labels cycle over classes, so one class per column
     path = save_image_grid(imgs, self.run.samples_dir / f'step-{self.step:07d}.png',
                            nrow=k if 0 < k <= len(imgs) else None)
+    self.track_images(imgs, path)
     for cb in self.callbacks: cb.on_samples(self, imgs, path)
     return path
 
@@ -598,12 +632,109 @@ def _evaluate(self) -> dict | None:
         rec.update(nn_ratio=mem['nn_ratio'], copy_fraction=mem['copy_fraction'])
     rec.update(seconds=round(time.time() - t0, 2), time=time.time())
     self.run.append_metrics(rec)
+    self.track(rec)
     for cb in self.callbacks: cb.on_eval(self, rec)
     return rec
 
 Trainer.sample_images, Trainer.save_samples, Trainer.evaluator = _sample_images, _save_samples, _evaluator
 Trainer.heldout_data, Trainer.evaluate = functools.cached_property(_heldout_data), _evaluate
 Trainer.heldout_data.__set_name__(Trainer, 'heldout_data')
+
+# %% ../nbs/api/06_train.ipynb #257fc10a
+TRACKER_PACKAGES = {'tensorboard': 'tensorboard', 'wandb': 'wandb', 'mlflow': 'mlflow'}   # train.log_with -> package
+
+class TrackerWarning(UserWarning):
+    "An experiment tracker failed during training (reported once; the run folder keeps every record)."
+
+def check_tracker(log_with: str):
+    "Fail before training when `train.log_with` names a tracker whose package is not installed."
+    check_choice('train.log_with', log_with, TRACKERS)
+    if log_with == 'none': return
+    pkg = TRACKER_PACKAGES[log_with]
+    try: found = importlib.util.find_spec(pkg) is not None
+    except ValueError: found = True                  # imported already, without a spec
+    if not found: raise ConfigError(f"train.log_with={log_with!r} needs the {pkg} package: pip install {pkg}")
+
+def accelerator_trackers(acc) -> list[str]:
+    "The names of the trackers an `Accelerator` was built with (its `log_with`)."
+    from accelerate.tracking import GeneralTracker
+    return [t.name if isinstance(t, GeneralTracker) else str(t) for t in acc.log_with]
+
+def tracker_config(cfg: RunConfig) -> dict:
+    "The config as flat `section.key` hyper-parameters, each a str, int, float or bool (None as 'none', lists as JSON)."
+    def flat(d, prefix=''):
+        for k, v in d.items():
+            if isinstance(v, dict): yield from flat(v, f'{prefix}{k}.')
+            elif v is None: yield f'{prefix}{k}', 'none'
+            else: yield f'{prefix}{k}', v if isinstance(v, (str, int, float)) else json.dumps(v)   # (bool is an int)
+    return dict(flat(cfg.to_dict()))
+
+def _start_tracking(self):
+    """Start the tracker of `train.log_with` with the config as hyper-parameters (see above); `fit` calls it on every
+    process, accelerate starts trackers on the main one only."""
+    self._tracker_warned, self._mlflow_uri, name = False, None, self.cfg.train.log_with
+    self.tracking = name != 'none'
+    if not self.tracking: return
+    tdir, project, run_name = self.run.tracker_dir, self.cfg.name, self.run.path.resolve().name
+    if name == 'tensorboard':      # <logging_dir>/tensorboard: one folder even if `name` changes on resume
+        project, kw = 'tensorboard', {'purge_step': self.step + 1}   # metrics.jsonl keeps records up to self.step
+    elif name == 'wandb': kw = {'dir': str(tdir), 'name': run_name}
+    else:
+        kw = {'run_name': run_name}
+        if self.is_main and not os.environ.get('MLFLOW_TRACKING_URI'):
+            import mlflow
+            (tdir / 'mlflow').mkdir(parents=True, exist_ok=True)
+            self._mlflow_uri = 'sqlite:///' + (tdir / 'mlflow' / 'mlflow.db').resolve().as_posix()
+            mlflow.set_tracking_uri(self._mlflow_uri)            # (restored by `end_tracking`)
+            kw['logging_dir'] = str((tdir / 'mlflow' / 'artifacts').resolve())
+    if self.is_main: tdir.mkdir(parents=True, exist_ok=True)
+    if not self.tracker_call('starting', self.acc.init_trackers, project, config=tracker_config(self.cfg),
+                             init_kwargs={name: kw}):
+        self.end_tracking()
+
+def _tracker_call(self, what: str, fn, *args, **kwargs) -> bool:
+    "Call the tracker; an error is reported once (a `TrackerWarning`) and training goes on. True if it worked."
+    try:
+        fn(*args, **kwargs)
+        return True
+    except Exception as e:
+        if not self._tracker_warned:
+            self._tracker_warned = True
+            warnings.warn(f"train.log_with={self.cfg.train.log_with!r}: {what} failed ({type(e).__name__}: {e}); "
+                          "training goes on and the run folder keeps every record (later tracker errors are not "
+                          "reported)", TrackerWarning, stacklevel=3)
+        return False
+
+def _track(self, rec: dict):
+    "Send every number of a `train` or `eval` record to the tracker as `<kind>/<key>`, at the record's step."
+    if not self.tracking: return
+    values = {f"{rec['kind']}/{k}": v for k, v in rec.items()
+              if k not in ('kind', 'step', 'time') and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if values: self.tracker_call(f"logging a {rec['kind']} record", self.acc.log, values, step=rec['step'])
+
+def _track_images(self, images: torch.Tensor, path: Path):
+    "A sample grid: the images in [0, 1] (NCHW) as `samples` (TensorBoard, wandb), or its PNG as an artifact (mlflow)."
+    if not self.tracking: return
+    name = self.cfg.train.log_with
+    def log():
+        tracker = self.acc.get_tracker(name)
+        if name == 'mlflow': tracker.log_artifact(str(path), artifact_path='samples')
+        else: tracker.log_images({'samples': ((images.float() + 1) / 2).clamp(0, 1)}, step=self.step)
+    self.tracker_call('logging a sample grid', log)
+
+def _end_tracking(self):
+    "Finish the tracker (not `Accelerator.end_training()`, which also destroys a multi-process run's process group)."
+    if not self.tracking: return
+    for tracker in self.acc.trackers: self.tracker_call('closing', tracker.finish)
+    self.acc.trackers.clear()                            # a later `fit` starts it again
+    if self._mlflow_uri is not None:                     # the process's mlflow tracking URI as it was
+        import mlflow
+        self.tracker_call('restoring the mlflow tracking URI', mlflow.set_tracking_uri, None)
+        os.environ.pop('MLFLOW_TRACKING_URI', None)
+    self.tracking, self._mlflow_uri = False, None
+
+Trainer.start_tracking, Trainer.tracker_call, Trainer.end_tracking = _start_tracking, _tracker_call, _end_tracking
+Trainer.track, Trainer.track_images = _track, _track_images
 
 # %% ../nbs/api/06_train.ipynb #065b9f04
 def _log_start(self):
@@ -614,7 +745,7 @@ def _log_start(self):
         self.resumed_at = None
     elif self.step == 0:
         if self.is_main: self.run.truncate_metrics(0)       # a config-only folder (crashed before its first checkpoint)
-        self.log_event('start', processes=self.acc.num_processes, device=str(self.device))
+        self.log_event('start', processes=self.acc.num_processes, device=str(self.device), provenance=provenance())
 
 def _agree_to_stop(self) -> bool:
     """Whether any process was asked to stop: callbacks run on the main process only and `request_stop` may come from
@@ -637,6 +768,7 @@ def _fit(self) -> 'Trainer':
                unit='step', dynamic_ncols=True)
     window = LogWindow(self.log_keys())
     stop = self.agree_to_stop()                         # (a stop asked before the first step)
+    self.start_tracking()
     try:
         while self.step < tc.steps and not stop:
             values = self.train_step()
@@ -663,7 +795,9 @@ def _fit(self) -> 'Trainer':
         elif self.stop_requested:                            # (asked before the first step: still a checkpoint)
             if self.saved_step != self.step: self.save_checkpoint()
             self.log_event('stopped')
-    finally: bar.close()
+    finally:
+        bar.close()
+        self.end_tracking()
     self.acc.wait_for_everyone()
     for cb in main_cbs: cb.on_train_end(self)
     return self
