@@ -34,7 +34,7 @@ setuptools.setup(
     include_package_data=True,
     install_requires=reqs('requirements'),
     extras_require={'lab': reqs('lab_requirements'), 'emoji': reqs('emoji_requirements'),
-                    'dev': reqs('dev_requirements')},
+                    'track': reqs('track_requirements'), 'dev': reqs('dev_requirements')},
     python_requires='>=' + min_python,
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',

@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
                        "with FID during training, then write report.md (the stages compared, sample grids, loss and "
                        "FID curves) into the run folder.")
     d.add_argument('--run-dir', default='runs/demo'); d.add_argument('--fast', action='store_true',
-                                                                     help='a ~1 minute version')
+                                                                     help='a ~2 minute version')
     d.add_argument('--unmasked', action='store_true', help='start from the plain digits-dit preset (no masked stage)')
     d.add_argument('--no-sadm', action='store_true', help='leave out the SADM stage')
     d.add_argument('--resume', action='store_true', help='continue an interrupted demo run')

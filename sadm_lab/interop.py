@@ -263,6 +263,11 @@ def _provenance_line(p: dict | None) -> str:
     return (f"sadm_lab {p.get('sadm_lab')}, commit {p.get('commit') or 'unknown (installed package)'}, "
             f"torch {p.get('torch')}")
 
+def _guidance_note(cfg) -> list[str]:
+    if cfg.sample.cfg_scale == 1: return []
+    return [f"The run samples with classifier-free guidance (scale {cfg.sample.cfg_scale}); this loop does not guide "
+            "(add a pass with the null class, label `num_classes`, and mix the first C channels).", '']
+
 def _use_section(model, cfg, file, diffusers_folder: bool) -> list[str]:
     if diffusers_folder:
         import inspect
@@ -270,9 +275,10 @@ def _use_section(model, cfg, file, diffusers_folder: bool) -> list[str]:
                 "diffusers' DiT embeds timesteps with frequencies 10000^(-i/127); sadm_lab and the official DiT use "
                 "10000^(-i/128): the loop sets the model's own (`time_freq_shift` in `sadm_lab.json`). Choose `steps` "
                 "dividing the training timesteps: then diffusers' DDIM walks exactly sadm_lab's DDIM chain.", '',
-                '```python', inspect.getsource(sample_with_diffusers).rstrip(), '',
+                '```python', 'import torch', '', inspect.getsource(sample_with_diffusers).rstrip(), '',
                 "images = sample_with_diffusers('.', 16, steps=50, generator=torch.Generator().manual_seed(0))",
-                '```', '', "With sadm_lab: `train.init_from=<this folder>` fine-tunes it (see `sadm_lab.interop`).", '']
+                '```', ''] + _guidance_note(cfg) + [
+                "With sadm_lab: `train.init_from=<this folder>` fine-tunes it (see `sadm_lab.interop`).", '']
     name = Path(file).name if file else 'model.safetensors'
     return ['```python', 'from sadm_lab.interop import load_safetensors_model', 'from sadm_lab.sample import generate',
             f"model, diffusion, cfg = load_safetensors_model('{name}')",
