@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..core import exists
 from .layers import (PatchEmbed, Attention, Mlp, TimestepEmbedder, LabelEmbedder,
                                     get_2d_sincos_pos_embed, gather_tokens, patchify, unpatchify, modulate,
-                                    transformer_block_macs)
+                                    transformer_block_macs, run_block, GradCheckpointing)
 
 # %% auto #0
 __all__ = ['DIT_SIZES', 'DiT_models', 'DiTBlock', 'FinalLayer', 'DiT']
@@ -46,7 +46,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 # %% ../../nbs/api/04b_models.dit.ipynb #57813745
-class DiT(nn.Module):
+class DiT(GradCheckpointing, nn.Module):
     "Diffusion Transformer (Peebles & Xie 2023) with adaLN-Zero blocks; `forward(x, t, y=None, keep_idx=None)`."
     returns_all_tokens = False              # a keep_idx call returns the kept tokens only (`masking.TokenView`)
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
@@ -121,7 +121,7 @@ class DiT(nn.Module):
         h = self.x_embedder(x) + self.pos_embed                 # positions added to ALL tokens ...
         if exists(keep_idx): h = gather_tokens(h, keep_idx)     # ... before dropping, so kept tokens keep them
         c = self.embed_condition(t, y)
-        for block in self.blocks: h = block(h, c)
+        for block in self.blocks: h = run_block(block, h, c, checkpoint=self.grad_checkpointing)
         h = self.final_layer(h, c)
         return h if exists(keep_idx) else self.unpatchify(h)
 

@@ -14,9 +14,10 @@ from ..masking import patchify, unpatchify, gather_tokens
 _all_ = ['patchify', 'unpatchify', 'gather_tokens']
 
 # %% auto #0
-__all__ = ['split_token_channels', 'PatchEmbed', 'Attention', 'Mlp', 'timestep_embedding', 'TimestepEmbedder', 'LabelEmbedder',
-           'sincos_1d', 'get_2d_sincos_pos_embed', 'modulate', 'count_params', 'transformer_block_macs',
-           'flops_per_forward', 'patchify', 'unpatchify', 'gather_tokens']
+__all__ = ['SDPA_BACKENDS', 'split_token_channels', 'PatchEmbed', 'Attention', 'Mlp', 'check_sdpa_backend', 'sdpa_backend',
+           'run_block', 'GradCheckpointing', 'timestep_embedding', 'TimestepEmbedder', 'LabelEmbedder', 'sincos_1d',
+           'get_2d_sincos_pos_embed', 'modulate', 'count_params', 'transformer_block_macs', 'flops_per_forward',
+           'patchify', 'unpatchify', 'gather_tokens']
 
 # %% ../../nbs/api/04a_models.layers.ipynb #2f2130d4
 def split_token_channels(x: torch.Tensor, patch_size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +72,42 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+# %% ../../nbs/api/04a_models.layers.ipynb #f67f0e74
+SDPA_BACKENDS = ('auto', 'math', 'flash', 'efficient', 'cudnn')
+_SDPA_DEVICES = {'auto': ('cpu', 'cuda'), 'math': ('cpu', 'cuda'), 'flash': ('cpu', 'cuda'), 'efficient': ('cuda',),
+                 'cudnn': ('cuda',)}
+
+def check_sdpa_backend(name: str, device) -> None:
+    "Raise `ValueError` if the attention kernel `name` cannot run on `device` (see above)."
+    if name not in SDPA_BACKENDS: raise ValueError(f"unknown attention backend {name!r}: choose one of {SDPA_BACKENDS}")
+    kind = torch.device(device).type
+    if kind not in _SDPA_DEVICES[name]:
+        raise ValueError(f"attention backend {name!r} needs {' or '.join(_SDPA_DEVICES[name])}, not {kind}: use "
+                         "'auto' or 'math'")
+
+def sdpa_backend(name: str = 'auto'):
+    "A context in which `F.scaled_dot_product_attention` uses only the kernel `name` ('auto': no restriction)."
+    import contextlib
+    if name not in SDPA_BACKENDS: raise ValueError(f"unknown attention backend {name!r}: choose one of {SDPA_BACKENDS}")
+    if name == 'auto': return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel({'math': SDPBackend.MATH, 'flash': SDPBackend.FLASH_ATTENTION,
+                        'efficient': SDPBackend.EFFICIENT_ATTENTION, 'cudnn': SDPBackend.CUDNN_ATTENTION}[name])
+
+def run_block(block: nn.Module, *args, checkpoint: bool = False):
+    "`block(*args)`, under activation checkpointing when `checkpoint` and gradients are on (see above)."
+    if checkpoint and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint as ckpt
+        return ckpt(block, *args, use_reentrant=False)
+    return block(*args)
+
+class GradCheckpointing:
+    "Mixin: `grad_checkpointing` (off by default) and `set_grad_checkpointing(enabled)` for a backbone."
+    grad_checkpointing = False
+    def set_grad_checkpointing(self, enabled: bool = True):
+        self.grad_checkpointing = bool(enabled)
+        return self
 
 # %% ../../nbs/api/04a_models.layers.ipynb #1ede7025
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000., freq_shift: int = 0) -> torch.Tensor:

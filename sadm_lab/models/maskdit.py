@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from ..core import exists
-from .layers import gather_tokens, get_2d_sincos_pos_embed, modulate, transformer_block_macs
+from .layers import (gather_tokens, get_2d_sincos_pos_embed, modulate, transformer_block_macs,
+                                    run_block)
 from .dit import DiT, DiTBlock, FinalLayer, DIT_SIZES
 
 # %% auto #0
@@ -87,12 +88,12 @@ class MaskDiT(DiT):
         # ... before dropping (encoder sees visible tokens only)
         if exists(keep_idx): h = gather_tokens(h, keep_idx)
         c = self.embed_condition(t, y)
-        for block in self.blocks: h = block(h, c)
+        for block in self.blocks: h = run_block(block, h, c, checkpoint=self.grad_checkpointing)
         h = self.decoder_layer(h, c)                              # to the decoder width
         # mask tokens fill the gaps
         if exists(keep_idx): h = scatter_tokens(h, keep_idx, self.mask_token, self.num_patches)
         h = h + self.decoder_pos_embed                            # decoder positions on every token
-        for block in self.decoder_blocks: h = block(h, c)
+        for block in self.decoder_blocks: h = run_block(block, h, c, checkpoint=self.grad_checkpointing)
         h = self.final_layer(h, c)                                # (B, N, p*p*out_channels)
         return h if exists(keep_idx) else self.unpatchify(h)
 

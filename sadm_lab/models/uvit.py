@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..core import exists
 from .layers import (PatchEmbed, Attention, Mlp, timestep_embedding, gather_tokens, patchify,
-                                    unpatchify, transformer_block_macs)
+                                    unpatchify, transformer_block_macs, run_block, GradCheckpointing)
 
 # %% auto #0
 __all__ = ['UVIT_SIZES', 'UViT_models', 'UViTBlock', 'UViT']
@@ -32,7 +32,7 @@ class UViTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 # %% ../../nbs/api/04c_models.uvit.ipynb #c36cdc2c
-class UViT(nn.Module):
+class UViT(GradCheckpointing, nn.Module):
     "U-ViT (Bao et al. 2023) as used by MaskDM (Lei et al. 2023); `forward(x, t, y=None, keep_idx=None)`."
     returns_all_tokens = False              # a keep_idx call returns the kept tokens only (`masking.TokenView`)
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 3, hidden_size: int = 512,
@@ -101,11 +101,11 @@ class UViT(nn.Module):
             if y is None: y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
             extra.insert(0, self.label_emb(y))
         h = torch.cat([torch.stack(extra, 1) + self.pos_embed[:, :E], h], dim=1)
-        skips = []
+        skips, ck = [], self.grad_checkpointing
         for blk in self.in_blocks:
-            h = blk(h); skips.append(h)
-        h = self.mid_block(h)
-        for blk in self.out_blocks: h = blk(h, skips.pop())
+            h = run_block(blk, h, checkpoint=ck); skips.append(h)
+        h = run_block(self.mid_block, h, checkpoint=ck)
+        for blk in self.out_blocks: h = run_block(blk, h, skips.pop(), checkpoint=ck)
         h = self.decoder_pred(self.norm(h[:, E:]))                      # time/class tokens are not decoded
         return h if exists(keep_idx) else self.final_layer(self.unpatchify(h))
 
