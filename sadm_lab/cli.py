@@ -18,6 +18,13 @@ __all__ = ['cmd_train', 'cmd_sample', 'cmd_eval', 'cmd_demo', 'cmd_export', 'cmd
 _KEYS_HELP = "config keys (key=value):\n" + '\n'.join(
     f"  {k:<28} default {v!r}" for k, v in flatten(RunConfig()).items())
 
+def _positive_int(text: str) -> int:
+    "An argparse type: an integer > 0 (so `--steps 0` is an error, not the run's default)."
+    try: v = int(text)
+    except ValueError: raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v <= 0: raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='sadm-lab', description='Diffusion transformers with masked pre-training and '
                                 'structure-guided adversarial training: a notebook-first workbench.')
@@ -40,10 +47,11 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser('sample', help='sample images from a run into a PNG grid', formatter_class=fmt,
                        description="Sample from a run folder's latest checkpoint (EMA weights by default).")
-    s.add_argument('run_dir'); s.add_argument('-n', type=int, default=64, help='number of images (default 64)')
+    s.add_argument('run_dir')
+    s.add_argument('-n', type=_positive_int, default=64, help='number of images (default 64)')
     s.add_argument('--out', help='PNG path (default <run>/samples/cli-<sampler>-<steps>.png)')
     s.add_argument('--sampler', choices=CHOICES['sample.sampler'], help="default: the run's sample.sampler")
-    s.add_argument('--steps', type=int, help="sampling steps (default: the run's sample.steps)")
+    s.add_argument('--steps', type=_positive_int, help="sampling steps (default: the run's sample.steps)")
     s.add_argument('--eta', type=float, help='DDIM eta'); s.add_argument('--cfg-scale', type=float,
                                                                          help='guidance scale')
     s.add_argument('--labels', help='comma-separated class labels (cycled); default: balanced over classes')
@@ -54,9 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser('eval', help="FID of a run's samples beside the real-vs-real floor",
                        description="Generate samples from a run and report FID with the real-vs-real floor of the same "
                                    "protocol.")
-    e.add_argument('run_dir'); e.add_argument('-n', type=int, help="samples (default: the run's eval.num_samples)")
+    e.add_argument('run_dir')
+    e.add_argument('-n', type=_positive_int, help="samples (default: the run's eval.num_samples)")
     e.add_argument('--features', choices=CHOICES['eval.features'], help="feature network (default: the run's)")
-    e.add_argument('--sampler', choices=CHOICES['sample.sampler']); e.add_argument('--steps', type=int)
+    e.add_argument('--sampler', choices=CHOICES['sample.sampler']); e.add_argument('--steps', type=_positive_int)
     e.add_argument('--seed', type=int, default=0); e.add_argument('--checkpoint'); e.add_argument('--device',
                                                                                                   default='auto')
     e.add_argument('--json', action='store_true', help='print the result as JSON')
@@ -111,7 +120,13 @@ def cmd_train(a) -> int:
     run_dir = Path(a.run_dir or Path('runs') / cfg.name)
     tr = Trainer(cfg, run_dir, resume=True if a.resume else False, progress=not a.no_progress)
     if tr.is_main: print(f"run folder: {run_dir} (resumed at step {tr.step})" if tr.step else f"run folder: {run_dir}")
-    tr.fit()
+    try: tr.fit()
+    except KeyboardInterrupt:
+        if not (tr.interrupted and tr.saved_step == tr.step): raise      # a second Ctrl-C: `main` reports it
+        if tr.is_main:
+            print(f"sadm-lab train: interrupted at step {tr.step}; checkpoint written, continue with: sadm-lab train "
+                  f"{a.preset} ... --run-dir {run_dir} --resume", file=sys.stderr)
+        return 130
     if tr.is_main: print(f"done: {tr.step} steps; checkpoints in {tr.run.ckpt_dir}")
     return 0
 

@@ -140,6 +140,8 @@ class TrainConfig:
     log_every: int = 10                  # steps between metrics.jsonl lines
     ckpt_every: int = 500                # steps between checkpoints (also at the end)
     keep_checkpoints: int = 2            # how many step checkpoints to keep (latest always kept)
+    # consecutive steps with a non-finite loss or gradient norm (each skipped) before training stops with an error
+    max_nonfinite_steps: int = 20
     sample_every: int = 500              # steps between sample grids (0 = only at the end)
     eval_every: int = 0                  # steps between FID evaluations (0 = only at the end, if eval.enabled)
 
@@ -190,8 +192,9 @@ CHOICES = {
     'sadm.outside_encoder': OUTSIDE_ENCODERS,
 }
 _POSITIVE = ('diffusion.timesteps', 'diffusion.min_snr_gamma', 'train.steps', 'train.batch_size', 'train.grad_accum',
-             'train.log_every', 'train.ckpt_every', 'train.keep_checkpoints', 'sample.steps', 'sample.grid_size',
-             'sample.batch_size', 'eval.num_samples', 'data.resolution', 'data.max_images', 'model.hidden_size',
+             'train.log_every', 'train.ckpt_every', 'train.keep_checkpoints', 'train.max_nonfinite_steps',
+             'sample.steps', 'sample.grid_size', 'sample.batch_size', 'eval.num_samples', 'data.resolution',
+             'data.max_images', 'model.hidden_size',
              'model.depth', 'model.num_heads', 'model.patch_size', 'model.mlp_ratio', 'mask.block_size',
              'mask.crop_size', 'mask.finetune_lr', 'sadm.tau', 'sadm.omega_cap', 'sadm.x0_clip', 'sadm.d_lr',
              'sadm.encoder_dim', 'sadm.encoder_width', 'sadm.d_every',
@@ -222,6 +225,8 @@ def _cross_key_problems(cfg: RunConfig):
         yield "data.name='folder' needs data.root=<path to an image folder>"
     if mc.strategy in ('patch', 'block') and mc.ratio == 0:
         yield f"mask.strategy={mc.strategy!r} needs mask.ratio > 0 (or mask.strategy=none)"
+    if mc.ratio > 0 and mc.strategy == 'none':
+        yield f"mask.ratio={mc.ratio} needs mask.strategy 'patch', 'block' or 'crop' (with 'none' nothing is masked)"
     if mc.strategy == 'crop' and not mc.crop_size:
         yield "mask.strategy='crop' needs mask.crop_size=<side of the visible window, in patches>"
     if mc.anneal != 'none' and mc.strategy not in ('patch', 'block'):
@@ -422,6 +427,7 @@ def get_config(preset: str = 'digits-dit', overrides=()) -> RunConfig:
 
 # %% ../nbs/api/01_config.ipynb #01d244e4
 RESUMABLE = {'name', 'train.steps', 'train.log_every', 'train.ckpt_every', 'train.keep_checkpoints', 'train.log_with',
+             'train.max_nonfinite_steps',
              'train.sample_every', 'train.eval_every', 'train.device', 'train.compile',
              'sample.sampler', 'sample.steps', 'sample.eta', 'sample.cfg_scale', 'sample.grid_size',
              'sample.batch_size',

@@ -15,7 +15,7 @@ import torch
 __all__ = ['SadmError', 'ConfigError', 'DataError', 'CheckpointError', 'exists', 'default', 'in_range', 'problem_with',
            'check_range', 'check_choice', 'get_device', 'seed_everything', 'seeded', 'torch_threads', 'sync',
            'memory_now', 'peak_memory_mb', 'atomic_write', 'atomic_write_text', 'atomic_write_json',
-           'atomic_torch_save', 'safe_torch_load', 'provenance']
+           'atomic_torch_save', 'safe_torch_load', 'file_sha256', 'write_error', 'provenance']
 
 # %% ../nbs/api/00_core.ipynb #8334306a
 class SadmError(Exception):
@@ -188,15 +188,40 @@ def atomic_torch_save(obj, path) -> Path:
     return atomic_write(path, lambda p: torch.save(obj, p))
 
 # %% ../nbs/api/00_core.ipynb #e837475e
+def _load_reason(e: Exception) -> str:
+    "PyTorch's reason for refusing a file, without its advice to load it with weights_only=False."
+    msg = str(e)
+    if 'weights_only' not in msg: return f"{type(e).__name__}: {msg}"
+    detail = msg.split('WeightsUnpickler error:', 1)[1] if 'WeightsUnpickler error:' in msg else ''
+    detail = ' '.join(detail.strip().split('\n\n')[0].split()).split('. ')[0].rstrip('.')
+    return f"it holds something other than tensors and containers ({detail or 'refused by the safe loader'})"
+
 def safe_torch_load(path, map_location='cpu'):
-    "`torch.load(path, weights_only=True)` with errors that name the file."
+    "`torch.load(path, weights_only=True)` with errors that name the file (and never advise weights_only=False)."
     path = Path(path)
     if not path.is_file(): raise CheckpointError(f"checkpoint not found: {path}")
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}. "
-                              "Only tensors/containers are accepted (weights_only=True); "
-                              "the file may be truncated, corrupt or not a torch checkpoint.") from e
+        reason = _load_reason(e)
+    raise CheckpointError(f"cannot load checkpoint {path}: {reason}. sadm_lab loads only tensors, numbers, strings "
+                          "and containers; the file may be truncated, corrupt or not a torch checkpoint.")
+
+def file_sha256(path) -> str:
+    "The sha256 hex digest of a file's bytes."
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
+    return h.hexdigest()
+
+def write_error(path, e: OSError) -> str:
+    "One line for a failed write of `path`: the OS's reason and the free space of its folder."
+    import shutil
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent: folder = folder.parent
+    try: free = f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB free"
+    except OSError: free = 'free space unknown'
+    return f"cannot write {path}: {e.strerror or e} ({free} on {folder})"
 
 # %% ../nbs/api/00_core.ipynb #6aa65472
 def provenance() -> dict:

@@ -17,8 +17,8 @@ from .objectives import Objective, MicroBatch, Term, Stage
 # %% auto #0
 __all__ = ['AFFINITIES', 'P_NORMS', 'OMEGAS', 'ENCODER_SEED_OFFSET', 'VARIANTS', 'StructureEncoder', 'LinearStructureEncoder',
            'affinity', 'structural_distance', 'frozen', 'discriminator_loss', 'generator_structure_loss',
-           'gather_keep_grad', 'StructureTerm', 'sadm_settings', 'build_structure_encoder', 'ramp', 'StructureGame',
-           'build_structure_game']
+           'gather_keep_grad', 'guarded_step', 'StructureTerm', 'sadm_settings', 'build_structure_encoder', 'ramp',
+           'StructureGame', 'build_structure_game']
 
 # %% ../nbs/api/11_structure.ipynb #42a731da
 class StructureEncoder(nn.Module):
@@ -173,6 +173,21 @@ def _world_size() -> int:
     import torch.distributed as dist
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
+def guarded_step(module: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                 grad_clip: float = 0.0) -> bool:
+    """Backpropagate `loss`, clip `module`'s gradients to `grad_clip` (0 = off) and step `optimizer` — unless the loss
+    or the gradient norm is not finite: then the update is skipped (False). Under DDP the decision reads the gradient
+    norm alone (averaged over processes, so every process decides alike)."""
+    loss.backward()
+    params = [p for p in module.parameters() if p.grad is not None]
+    if grad_clip > 0: gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else: gnorm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+    ok = torch.isfinite(gnorm) if _world_size() > 1 else torch.isfinite(gnorm) & torch.isfinite(loss.detach()).all()
+    ok = bool(ok)
+    if ok: optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ok
+
 class StructureTerm:
     """SADM's adversarial structure term: ω(t), the structural distance, the discriminator update and the generator
     term (see above). `diffusion` supplies the SNR table and the denoising loss weight for ω; the remaining options are
@@ -248,9 +263,7 @@ class StructureTerm:
                 r1 = g.pow(2).flatten(1).sum(1).mean()
                 loss = loss + self.r1_gamma / 2 * r1
                 out['r1'] = r1.detach()
-            loss.backward()
-            if grad_clip > 0: torch.nn.utils.clip_grad_norm_(encoder.parameters(), grad_clip)
-            optimizer.step(); optimizer.zero_grad(set_to_none=True)
+            guarded_step(encoder, optimizer, loss, grad_clip)      # (no update from a non-finite loss or gradient)
             if n >= 2: out['d_obj'] = d.detach() / scale
         return out
 

@@ -14,7 +14,7 @@ from .core import ConfigError, check_range
 from .masking import bare_network
 from .objectives import Objective, MicroBatch, Term, Stage
 from .structure import (ENCODER_SEED_OFFSET, StructureEncoder, build_structure_encoder, build_structure_game,
-                                frozen, ramp, sadm_settings)
+                                frozen, ramp, sadm_settings, guarded_step)
 
 # %% auto #0
 __all__ = ['OUTSIDE_ENCODERS', 'OUTSIDE_RECIPE', 'embedding_mmd2', 'ddim_chain', 'SampleStructureGame', 'hidden_blocks',
@@ -67,9 +67,8 @@ def _ddp(module: nn.Module, ddp: bool) -> nn.Module:
     return DistributedDataParallel(module, device_ids=[dev.index or 0] if dev.type == 'cuda' else None)
 
 def _step(module: nn.Module, optimizer, loss: torch.Tensor, grad_clip: float):
-    loss.backward()
-    if grad_clip > 0: torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
-    optimizer.step(); optimizer.zero_grad(set_to_none=True)
+    "One update of a discriminator or projector; skipped for a non-finite loss or gradient (`guarded_step`)."
+    guarded_step(module, optimizer, loss, grad_clip)
 
 class SampleStructureGame(Objective):
     "SADM's game on the structure of samples: MMD² of a few-step sampler's output against data (see above)."

