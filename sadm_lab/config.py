@@ -13,6 +13,7 @@ from .core import ConfigError, problem_with
 from .data import DATASETS
 from .diffusion import SCHEDULES, PREDICTIONS, LOSS_WEIGHTINGS
 from .masking import STRATEGIES, ANNEALS
+from .models.layers import SDPA_BACKENDS
 from .metrics import FEATURES
 from .objectives import LR_SCHEDULES
 from .sample import SAMPLERS
@@ -35,6 +36,9 @@ class DataConfig:
     max_images: Optional[int] = None     # cap on training images (deterministic subset)
     download: bool = False               # allow torchvision to download fashion-mnist when files are missing
     conditional: bool = True             # train class-conditionally when the dataset has labels
+    vae: Optional[str] = None            # latent diffusion: a diffusers AutoencoderKL folder or hub id (None = pixels)
+    latent_cache: Optional[str] = None   # folder of latent caches (None = $SADM_LAB_CACHE/latents or ~/.cache/...)
+    latent_mode: str = 'sample'          # cached latents: a posterior 'sample' (as DiT trains) or its 'mean'
 
 @dataclass
 class ModelConfig:
@@ -130,6 +134,9 @@ class TrainConfig:
     precision: str = 'fp32'              # 'fp32', 'bf16' (autocast; CPU and GPU) or 'fp16' (GPU only)
     tf32: bool = False                   # allow TF32 matmuls on Ampere+ GPUs
     compile: bool = False                # torch.compile the model
+    grad_checkpointing: bool = False     # recompute each block's activations in backward (less memory, ~1/3 more time)
+    fused_adamw: bool = False            # torch's fused AdamW kernel (CPU and CUDA)
+    sdpa_backend: str = 'auto'           # attention kernel: 'auto', 'math', 'flash', 'efficient' or 'cudnn' (CUDA)
     seed: int = 0                        # seeds init, data order, noise and timesteps
     # initialise the weights from a run folder or checkpoint (fine-tuning, transfer)
     init_from: Optional[str] = None
@@ -186,6 +193,7 @@ CHOICES = {
     'diffusion.schedule': SCHEDULES, 'diffusion.prediction': PREDICTIONS, 'diffusion.loss_weighting': LOSS_WEIGHTINGS,
     'mask.strategy': ('none',) + STRATEGIES, 'mask.anneal': ANNEALS,
     'train.init_weights': WEIGHTS, 'train.precision': PRECISIONS, 'train.lr_schedule': LR_SCHEDULES,
+    'train.sdpa_backend': SDPA_BACKENDS, 'data.latent_mode': ('sample', 'mean'),
     'train.log_with': TRACKERS, 'model.time_freq_shift': (0, 1),
     'sample.sampler': tuple(SAMPLERS), 'eval.features': FEATURES,
     'sadm.omega': OMEGAS, 'sadm.affinity': AFFINITIES, 'sadm.p': P_NORMS, 'sadm.variant': VARIANTS,
@@ -257,6 +265,9 @@ def _cross_key_problems(cfg: RunConfig):
                "mask.pretrain_steps)")
     if sd.enabled and sd.start_step >= tc.steps:
         yield f"sadm.start_step={sd.start_step} is not before train.steps={tc.steps}: the term would never run"
+    if tc.grad_checkpointing and sd.enabled and sd.variant == 'representation':
+        yield ("train.grad_checkpointing with sadm.variant='representation': the variant reads hidden tokens through "
+               "forward hooks, which recomputation would fire twice; switch one of them off")
     if sd.grad_steps > sd.sampler_steps:
         yield (f"sadm.grad_steps={sd.grad_steps} cannot exceed sadm.sampler_steps={sd.sampler_steps} (gradients flow "
                "through the last grad_steps of the sampler's steps)")
@@ -429,6 +440,7 @@ def get_config(preset: str = 'digits-dit', overrides=()) -> RunConfig:
 RESUMABLE = {'name', 'train.steps', 'train.log_every', 'train.ckpt_every', 'train.keep_checkpoints', 'train.log_with',
              'train.max_nonfinite_steps',
              'train.sample_every', 'train.eval_every', 'train.device', 'train.compile',
+             'train.grad_checkpointing', 'train.fused_adamw', 'train.sdpa_backend', 'data.latent_cache',
              'sample.sampler', 'sample.steps', 'sample.eta', 'sample.cfg_scale', 'sample.grid_size',
              'sample.batch_size',
              'eval.enabled', 'eval.features', 'eval.num_samples', 'eval.use_ema'}

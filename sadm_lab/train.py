@@ -19,6 +19,7 @@ from .config import (WEIGHTS, TRACKERS, RunConfig, load_config, check_resumable,
 from .data import load_data, ImageData
 from .diffusion import Diffusion, drop_labels
 from .models import MODELS, build_model, family_of
+from .models.layers import check_sdpa_backend, sdpa_backend
 from .objectives import (MicroBatch, Schedule, Stage, build_objectives, build_schedule, lr_at,
                                  objective_step)
 _all_ = ['lr_at']                 # re-exported: `sadm_lab.train.lr_at` (defined with the schedule it serves)
@@ -437,7 +438,11 @@ class Trainer:
                          source=f"train.init_from={tc.init_from}")
         self.diffusion = build_diffusion(cfg)
         self.ema = EMA(net, tc.ema_decay).to(self.device) if tc.ema_decay > 0 else None
-        opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+        if tc.grad_checkpointing: net.set_grad_checkpointing(True)
+        try: check_sdpa_backend(tc.sdpa_backend, self.device)
+        except ValueError as e: raise ConfigError(f"train.sdpa_backend: {e}") from None
+        opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay,
+                                fused=True if tc.fused_adamw else None)
         self.unwrapped = net                                 # the bare network: EMA, checkpoints, sampling, objectives
         self.model, self.opt = self.acc.prepare(net, opt)    # `model` is DDP-wrapped under accelerate launch
         self.stream = BatchStream(len(self.data), tc.batch_size, seed=tc.seed, rank=self.acc.process_index,
@@ -634,14 +639,16 @@ def _autocast(self):
 
 @contextlib.contextmanager
 def _speed_flags(self):
-    "TF32 matmuls for the body when `train.tf32` is on and the device is CUDA; the process's flags are restored after."
-    if not (self.cfg.train.tf32 and self.device.type == 'cuda'):
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try: yield
-    finally: torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    """The attention kernel of `train.sdpa_backend`, and TF32 matmuls when `train.tf32` is on and the device is CUDA,
+    for the body; the process's flags are restored after."""
+    with sdpa_backend(self.cfg.train.sdpa_backend):
+        if not (self.cfg.train.tf32 and self.device.type == 'cuda'):
+            yield
+            return
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try: yield
+        finally: torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 @torch.enable_grad()   # even if the caller (e.g. a notebook) switched gradients off globally
 def _train_step(self) -> dict:

@@ -92,3 +92,45 @@ def test_fused_adamw_follows_the_plain_one():
     # the same updates up to float rounding: 5e-6 is 0.5% of one step's size (lr 1e-3)
     for a, b in zip(ms[0].parameters(), ms[1].parameters()): torch.testing.assert_close(a, b, atol=5e-6, rtol=1e-5)
     assert any((a - p0).abs().max() > 1e-4 for a, p0 in zip(ms[0].parameters(), tiny(DiT).parameters()))
+
+
+# ---------------------------------------------------------------------------------------------- the trainer switches
+def _train(tmp_path, name, *overrides, steps=4):
+    from sadm_lab.config import get_config
+    from sadm_lab.train import Trainer
+    cfg = get_config('smoke', [f'train.steps={steps}', 'eval.enabled=false', 'train.sample_every=0', *overrides])
+    return Trainer(cfg, tmp_path / name, progress=False).fit()
+
+
+def test_trainer_switches_follow_the_plain_path(tmp_path):
+    plain = _train(tmp_path, 'plain').unwrapped.state_dict()
+    for name, ov, tol in [('ckpt', ['train.grad_checkpointing=true'], 1e-6), ('fused', ['train.fused_adamw=true'], 2e-5),
+                          ('math', ['train.sdpa_backend=math'], 2e-5), ('flash', ['train.sdpa_backend=flash'], 2e-5)]:
+        tr = _train(tmp_path, name, *ov)
+        assert tr.unwrapped.grad_checkpointing == (name == 'ckpt')
+        for k, v in tr.unwrapped.state_dict().items(): torch.testing.assert_close(v, plain[k], atol=tol, rtol=1e-4)
+    moved = max((tr.unwrapped.state_dict()[k] - v).abs().max().item() for k, v in
+                _train(tmp_path, 'other-seed', 'train.seed=1').unwrapped.state_dict().items())
+    assert moved > 100 * 2e-5                                # the tolerance is far below what another run differs by
+
+
+def test_cuda_only_attention_kernel_is_refused_before_anything_is_written(tmp_path):
+    from sadm_lab.config import get_config
+    from sadm_lab.core import ConfigError
+    from sadm_lab.train import Trainer
+    with pytest.raises(ConfigError, match="train.sdpa_backend: attention backend 'efficient' needs cuda"):
+        Trainer(get_config('smoke', ['train.sdpa_backend=efficient', 'train.device=cpu']), tmp_path / 'r')
+    assert not (tmp_path / 'r').exists()
+    with pytest.raises(ConfigError, match='forward hooks'):
+        get_config('smoke', ['train.grad_checkpointing=true', 'sadm.enabled=true', 'sadm.variant=representation'])
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_plain_outputs_and_gradients():
+    import shutil
+    if not (shutil.which('cc') or shutil.which('gcc')): pytest.skip('torch.compile (inductor) needs a C compiler')
+    m = tiny(DiT, depth=2)
+    out0, g0 = loss_and_grads(m)
+    out1, g1 = loss_and_grads(torch.compile(m))
+    torch.testing.assert_close(out1, out0, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g1, g0): torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
