@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .core import SadmError, ConfigError, get_device
 from .config import CHOICES, PRESETS, WEIGHTS, RunConfig, get_config, flatten
+from .sample import CONVENTIONS
 
 # %% auto #0
 __all__ = ['cmd_train', 'cmd_sample', 'cmd_eval', 'cmd_demo', 'cmd_export', 'cmd_import', 'cmd_presets', 'tutorials_dir',
@@ -58,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument('--seed', type=int, default=0); s.add_argument('--checkpoint', help='a checkpoint file of the run')
     s.add_argument('--weights', choices=WEIGHTS, default='ema'); s.add_argument('--device', default='auto')
     s.add_argument('--save-tensor', help='also save the images as a .pt tensor file')
+    s.add_argument('--convention', choices=tuple(CONVENTIONS), default='sadm_lab',
+                   help="whose sampling code to reproduce (see sadm_lab.sample.CONVENTIONS): sadm_lab (default, this "
+                   "library's); dit (DiT's sample_ddp.py: DDPM with learned variance on 'adm' steps, no clipping, CFG "
+                   "on the first 3 channels; needs a learned-sigma eps model); maskdm (MaskDM's DDIM: clipped x0 with "
+                   "the raw eps, eta 1). With dit/maskdm, --sampler/--steps/--eta default to the convention's (250 "
+                   "steps), not the run's; --cfg-scale stays the run's")
 
     e = sub.add_parser('eval', help="FID of a run's samples beside the real-vs-real floor",
                        description="Generate samples from a run and report FID with the real-vs-real floor of the same "
@@ -142,19 +149,22 @@ def _labels(text, n, num_classes):
 
 def cmd_sample(a) -> int:
     import torch
-    from sadm_lab.train import load_run
+    from sadm_lab.train import load_run, latent_sampling
     from sadm_lab.sample import generate
     from sadm_lab.viz import save_image_grid
     dev = get_device(a.device)
     model, diffusion, cfg, _ = load_run(a.run_dir, checkpoint=a.checkpoint, weights=a.weights, device=dev)
-    sc = cfg.sample
-    sampler, steps = a.sampler or sc.sampler, a.steps or sc.steps
+    sc, conv = cfg.sample, a.convention
+    if conv == 'sadm_lab': sampler, steps, eta = a.sampler or sc.sampler, a.steps or sc.steps, sc.eta
+    else: sampler, steps, eta = a.sampler, a.steps or CONVENTIONS[conv]['steps'], None   # the convention's
     y = _labels(a.labels, a.n, model.num_classes)
     g = torch.Generator(device=dev).manual_seed(a.seed)
-    imgs = generate(model, diffusion, a.n, sampler=sampler, steps=steps, eta=sc.eta if a.eta is None else a.eta,
+    imgs = generate(model, diffusion, a.n, sampler=sampler, steps=steps, eta=eta if a.eta is None else a.eta,
                     cfg_scale=sc.cfg_scale if a.cfg_scale is None else a.cfg_scale, y=y, generator=g, device=dev,
-                    batch_size=sc.batch_size)
-    out = Path(a.out or Path(a.run_dir) / 'samples' / f'cli-{sampler}-{steps}.png')
+                    batch_size=sc.batch_size, convention=conv, **latent_sampling(model.latent_codec))
+    if model.latent_codec is not None: imgs = model.latent_codec.decode(imgs)      # a latent run: decode
+    name = f'cli-{sampler}-{steps}.png' if conv == 'sadm_lab' else f'cli-{conv}-{steps}.png'
+    out = Path(a.out or Path(a.run_dir) / 'samples' / name)
     nrow = model.num_classes if (model.num_classes and y is None and a.n >= model.num_classes) else None
     save_image_grid(imgs, out, nrow=nrow)
     if a.save_tensor:
@@ -165,7 +175,7 @@ def cmd_sample(a) -> int:
 
 def cmd_eval(a) -> int:
     import torch
-    from sadm_lab.train import load_run, make_evaluator, build_reference_data
+    from sadm_lab.train import load_run, make_evaluator, build_reference_data, latent_sampling
     from sadm_lab.sample import generate
     dev = get_device(a.device)
     model, diffusion, cfg, data = load_run(a.run_dir, checkpoint=a.checkpoint, device=dev)
@@ -175,7 +185,9 @@ def cmd_eval(a) -> int:
     g = torch.Generator(device=dev).manual_seed(a.seed)
     sc = cfg.sample
     fake = generate(model, diffusion, n, sampler=a.sampler or sc.sampler, steps=a.steps or sc.steps, eta=sc.eta,
-                    cfg_scale=sc.cfg_scale, generator=g, device=dev, batch_size=sc.batch_size)
+                    cfg_scale=sc.cfg_scale, generator=g, device=dev, batch_size=sc.batch_size,
+                    **latent_sampling(model.latent_codec))
+    if model.latent_codec is not None: fake = model.latent_codec.decode(fake)      # FID compares images
     res = ev(fake)
     if a.json: print(json.dumps(res))
     else:

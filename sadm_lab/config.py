@@ -14,6 +14,7 @@ from .data import DATASETS
 from .diffusion import SCHEDULES, PREDICTIONS, LOSS_WEIGHTINGS
 from .masking import STRATEGIES, ANNEALS
 from .models.layers import SDPA_BACKENDS
+from .latent import LATENT_MODES
 from .metrics import FEATURES
 from .objectives import LR_SCHEDULES
 from .sample import SAMPLERS
@@ -118,6 +119,7 @@ class SadmConfig:
     outside_encoder: str = 'classifier'  # 'representation': 'classifier' (trained on the data, cached; distinct from
                                          # the FID classifier) or 'random' (a frozen random conv net, a control)
 
+# %% ../nbs/api/01_config.ipynb #eba6c333
 @dataclass
 class TrainConfig:
     steps: int = 2000                    # optimiser steps in total (a resume may raise it)
@@ -193,7 +195,7 @@ CHOICES = {
     'diffusion.schedule': SCHEDULES, 'diffusion.prediction': PREDICTIONS, 'diffusion.loss_weighting': LOSS_WEIGHTINGS,
     'mask.strategy': ('none',) + STRATEGIES, 'mask.anneal': ANNEALS,
     'train.init_weights': WEIGHTS, 'train.precision': PRECISIONS, 'train.lr_schedule': LR_SCHEDULES,
-    'train.sdpa_backend': SDPA_BACKENDS, 'data.latent_mode': ('sample', 'mean'),
+    'train.sdpa_backend': SDPA_BACKENDS, 'data.latent_mode': LATENT_MODES,
     'train.log_with': TRACKERS, 'model.time_freq_shift': (0, 1),
     'sample.sampler': tuple(SAMPLERS), 'eval.features': FEATURES,
     'sadm.omega': OMEGAS, 'sadm.affinity': AFFINITIES, 'sadm.p': P_NORMS, 'sadm.variant': VARIANTS,

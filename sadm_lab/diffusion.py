@@ -45,7 +45,17 @@ def get_betas(schedule: str, timesteps: int = 1000) -> torch.Tensor:
     raise ConfigError(f"unknown noise schedule {schedule!r}: choose one of {SCHEDULES}")
 
 # %% ../nbs/api/03_diffusion.ipynb #a89c29ae
-SPACINGS = ('trailing', 'leading', 'linspace')
+SPACINGS = ('trailing', 'leading', 'linspace', 'adm', 'maskdm')
+
+def _adm_spacing(T: int, n: int) -> list[int]:
+    "improved-diffusion's `space_timesteps(T, str(n))` (one section): accumulated float stride, Python round."
+    stride, cur, ts = (T - 1) / (n - 1) if n > 1 else 1, 0.0, []
+    for _ in range(n): ts.append(round(cur)); cur += stride
+    return ts
+
+def _maskdm_spacing(T: int, n: int) -> list[int]:
+    "MaskDM's DDIM times: `torch.linspace(-1, T - 1, n + 1)` (float32) truncated by `.int()`, without the -1."
+    return torch.linspace(-1, T - 1, steps=n + 1).int().tolist()[1:]
 
 def space_timesteps(num_timesteps: int, steps: int, *, spacing: str = 'trailing') -> list[int]:
     """Descending list of `steps` training indices in [0, T-1] to visit when sampling with `steps` steps (see table
@@ -57,9 +67,12 @@ def space_timesteps(num_timesteps: int, steps: int, *, spacing: str = 'trailing'
     if spacing == 'trailing': ts = np.round(T - np.arange(steps) * (T / steps)) - 1
     elif spacing == 'leading': ts = np.arange(steps) * (T // steps)
     elif spacing == 'linspace': ts = np.linspace(0, T - 1, steps).round()
+    elif spacing == 'adm': ts = _adm_spacing(T, steps)
+    elif spacing == 'maskdm': ts = _maskdm_spacing(T, steps)
     else: raise ConfigError(f"unknown timestep spacing {spacing!r}: choose one of {SPACINGS}")
     ts = sorted({int(t) for t in ts}, reverse=True)
-    assert len(ts) == steps and 0 <= ts[-1] and ts[0] <= T - 1, (ts, steps)
+    if len(ts) != steps: raise ConfigError(f"spacing {spacing!r} gives repeated indices for T={T}, steps={steps}")
+    assert 0 <= ts[-1] and ts[0] <= T - 1, (ts, steps)
     return ts
 
 def respaced_betas(alphas_cumprod: torch.Tensor, timesteps) -> torch.Tensor:

@@ -130,6 +130,10 @@ def sample_with_diffusers(folder, n: int = 16, *, steps: int = 50, class_labels=
     for t in scheduler.timesteps:
         out = model(x, t.expand(n).to(device), class_labels=y).sample[:, :c]   # drop learned-sigma channels
         x = scheduler.step(out, t, x, use_clipped_model_output=True).prev_sample
+    if (folder / 'vae').is_dir():                  # a latent model: decode with its VAE
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(folder / 'vae').to(device).eval()
+        x = vae.decode(x / info['latent']['scaling_factor'] + info['latent']['shift_factor']).sample
     return x.clamp(-1, 1).cpu()
 
 # %% ../nbs/api/14_interop.ipynb #d1e1c77c
@@ -178,14 +182,24 @@ def export_diffusers(run_dir, folder, *, weights: str = 'ema', checkpoint=None, 
             'image_size': model.input_size, 'channels': model.in_channels, 'learn_sigma': model.learn_sigma,
             'sampler': {'sampler': cfg.sample.sampler, 'steps': cfg.sample.steps, 'cfg_scale': cfg.sample.cfg_scale},
             'weights': weights, 'checkpoint': ck.name, 'config': cfg.to_dict(), 'exported_with': provenance()}
+    codec = getattr(model, 'latent_codec', None)
+    if codec is not None:
+        info['latent'] = {'vae': codec.source, 'scaling_factor': codec.scaling_factor,
+                          'shift_factor': codec.shift_factor}
     card = model_card(run_dir, model, cfg, checkpoint=ck, weights=weights, diffusers_folder=True)
 
     def fill(tmp: Path):
         (tmp / 'transformer').mkdir(); (tmp / 'scheduler').mkdir()
         (tmp / 'transformer' / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
         _save_safetensors(sd, tmp / 'transformer' / 'diffusion_pytorch_model.safetensors')
-        sched = diffusers_scheduler_config(diffusion)
+        sched = diffusers_scheduler_config(diffusion, clip_x0=codec is None)    # latents are not clipped
         (tmp / 'scheduler' / 'scheduler_config.json').write_text(json.dumps(sched, indent=2) + '\n')
+        if codec is not None:                      # a latent model: its VAE and a DiTPipeline index
+            codec.vae.save_pretrained(tmp / 'vae', safe_serialization=True)
+            index = {'_class_name': 'DiTPipeline', '_diffusers_version': DIFFUSERS_VERSION,
+                     'scheduler': ['diffusers', 'DDIMScheduler'], 'transformer': ['diffusers', 'DiTTransformer2DModel'],
+                     'vae': ['diffusers', 'AutoencoderKL']}
+            (tmp / 'model_index.json').write_text(json.dumps(index, indent=2) + '\n')
         (tmp / 'sadm_lab.json').write_text(json.dumps(info, indent=2) + '\n')
         (tmp / 'README.md').write_text(card)
     return _write_folder(folder, fill, force=force)
@@ -310,11 +324,13 @@ def model_card(run_dir, model, cfg, *, checkpoint, weights: str = 'ema', file=No
     start = next((r for r in recs if r.get('event') == 'start'), {})
     comp = training_compute(recs, model, cfg.train.batch_size)
     kind = f"{model.num_classes}-class conditional" if model.num_classes else 'unconditional'
-    d = cfg.data
+    d, size = cfg.data, f"{model.input_size}×{model.input_size}×{model.in_channels}"
+    space = (f"{size} images in pixel space" if getattr(model, 'latent_codec', None) is None else
+             f"{size} latents of the VAE `{d.vae}` (decoded to images)")
     L = [f"# {cfg.name}: a sadm_lab {cfg.model.preset} model", '',
-         f"A {kind} {type(model).__name__} ({count_params(model) / 1e6:.2f} M parameters) generating "
-         f"{model.input_size}×{model.input_size}×{model.in_channels} images in pixel space, trained with sadm_lab on "
-         f"`{d.name}`. Weights: **{weights}** of `{Path(checkpoint).name}` (step {step}).", '', '## Use', '']
+         f"A {kind} {type(model).__name__} ({count_params(model) / 1e6:.2f} M parameters) generating {space}, "
+         f"trained with sadm_lab on `{d.name}`. Weights: **{weights}** of `{Path(checkpoint).name}` (step {step}).",
+         '', '## Use', '']
     L += _use_section(model, cfg, file, diffusers_folder)
     L += ['## Training', '', '| | |', '|---|---|',
           f"| steps | {step} of {cfg.train.steps} (batch {cfg.train.batch_size}) |",

@@ -14,7 +14,7 @@ from .core import ConfigError, exists, default, get_device
 from .diffusion import Diffusion, space_timesteps
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'DenoiserOutput', 'Denoiser', 'sample_ddpm', 'sample_ddim', 'sample_dpmpp_2m', 'generate']
+__all__ = ['SAMPLERS', 'CONVENTIONS', 'DenoiserOutput', 'Denoiser', 'sample_ddpm', 'sample_ddim', 'sample_dpmpp_2m', 'generate']
 
 # %% ../nbs/api/05_sample.ipynb #cb4f1b5c
 class DenoiserOutput(NamedTuple):
@@ -27,8 +27,10 @@ class DenoiserOutput(NamedTuple):
 class Denoiser:
     """Wrap `model(x_t, t, y)` so it returns x0/eps for any parameterisation, with optional CFG (Ho & Salimans 2022) and
     x0 clipping."""
-    def __init__(self, model: Callable, diffusion: Diffusion, *, cfg_scale: float = 1.0, clip_x0: bool = True):
+    def __init__(self, model: Callable, diffusion: Diffusion, *, cfg_scale: float = 1.0, clip_x0: bool = True,
+                 keep_eps: bool = False):
         self.model, self.diffusion, self.cfg_scale, self.clip_x0 = model, diffusion, float(cfg_scale), clip_x0
+        self.keep_eps = keep_eps                  # with clip_x0: keep the raw eps (MaskDM) instead of re-deriving it
         self.num_classes = getattr(model, 'num_classes', 0)
 
     def _forward(self, x, t, y):
@@ -54,7 +56,7 @@ class Denoiser:
         x0, eps = self.diffusion.to_x0_eps(pred.to(x.dtype), x, t)
         if self.clip_x0:
             x0 = x0.clamp(-1, 1)
-            eps = self.diffusion.eps_from_x0(x, t, x0)
+            if not self.keep_eps: eps = self.diffusion.eps_from_x0(x, t, x0)
         return DenoiserOutput(x0, eps, var_values)
 
 # %% ../nbs/api/05_sample.ipynb #d1d5c2d5
@@ -138,14 +140,98 @@ def sample_dpmpp_2m(denoiser, x, timesteps, *, extra_args=None, callback=None, d
 
 SAMPLERS = dict(ddpm=sample_ddpm, ddim=sample_ddim, dpmpp_2m=sample_dpmpp_2m)
 
+# %% ../nbs/api/05_sample.ipynb #d3797b0d
+CONVENTIONS = {
+    'sadm_lab': dict(sampler='ddim', steps=50, eta=0., spacing='trailing', clip_x0=True, fixed=(),
+                     variance=None, cfg='all channels', keep_eps=False, clamp_output=True,
+                     source="sadm_lab's own defaults"),
+    'dit': dict(sampler='ddpm', steps=250, eta=None, spacing='adm', clip_x0=False,
+                fixed=('sampler', 'spacing', 'clip_x0'), variance='learned', cfg='first 3 channels, cfg_scale > 1',
+                keep_eps=False, clamp_output=False,
+                source="facebookresearch/DiT: sample_ddp.py, models.py (forward_with_cfg), diffusion/ "
+                       "(ADM p_sample_loop)"),
+    'maskdm': dict(sampler='ddim', steps=250, eta=1., spacing='maskdm', clip_x0=True, fixed=('sampler', 'spacing'),
+                   variance=None, cfg='none', keep_eps=True, clamp_output=True,
+                   source="jiachenlei/maskdm: gaussian_ddpm.py (GaussianDiffusion.ddim_sample), eval.py"),
+}
+
+class _ForwardWithCFG:
+    "DiT's `forward_with_cfg` on a doubled batch [x; x_null]: guide output channels [:3], keep the rest per half."
+    def __init__(self, model, cfg_scale: float): self.model, self.cfg_scale = model, cfg_scale
+    def __call__(self, x, t, y):
+        half = x[:len(x) // 2]
+        out = self.model(torch.cat([half, half]), t, y)
+        guided, rest = out[:, :3], out[:, 3:]
+        cond, uncond = guided.chunk(2)
+        g = uncond + self.cfg_scale * (cond - uncond)
+        return torch.cat([torch.cat([g, g]), rest], 1)
+
+def _check_convention(convention, model, diffusion, steps, cfg_scale):
+    "Refuse combinations the official code cannot run or that it would not reproduce."
+    T, C = diffusion.num_timesteps, model.in_channels
+    if convention == 'dit':
+        if diffusion.prediction != 'eps':
+            raise ConfigError(f"convention 'dit' reproduces DiT's eps-prediction sampler; this run predicts "
+                              f"{diffusion.prediction!r}: use convention='sadm_lab'")
+        out_ch = getattr(model, 'out_channels', None)
+        if exists(out_ch) and out_ch != 2 * C:
+            raise ConfigError(f"convention 'dit' samples with DiT's learned-range variance and needs a learned-sigma "
+                              f"model (2C = {2 * C} output channels, e.g. DiT(learn_sigma=True)); this model has "
+                              f"{out_ch}: use convention='sadm_lab'")
+        if cfg_scale < 1:
+            raise ConfigError(f"convention 'dit' needs cfg_scale >= 1 (DiT's sample_ddp.py asserts it), got "
+                              f"{cfg_scale}")
+        if cfg_scale > 1 and not getattr(model, 'num_classes', 0):
+            raise ConfigError(f"cfg_scale={cfg_scale} needs a class-conditional model (num_classes > 0)")
+    if convention == 'maskdm':
+        if cfg_scale != 1:
+            raise ConfigError(f"convention 'maskdm' has no classifier-free guidance (MaskDM's models are "
+                              f"unconditional): pass cfg_scale=1, got {cfg_scale}")
+        if steps >= T:
+            raise ConfigError(f"convention 'maskdm' samples with MaskDM's DDIM, which it uses only for steps < T={T} "
+                              f"(got steps={steps})")
+
+def _run_dit(model, diffusion, x, timesteps, y, cfg_scale, **kw):
+    "One batch of DiT's sample_ddp.py: ADM p_sample_loop, learned-range variance, no clipping, forward_with_cfg."
+    b, gen, callback = x.shape[0], kw['generator'], kw.pop('callback')
+    net = model
+    if cfg_scale > 1:
+        net = _ForwardWithCFG(model, cfg_scale)
+        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, model.num_classes)])
+        if exists(callback): kw['callback'] = lambda s: callback({**s, 'x': s['x'][:b], 'x0': s['x0'][:b]})
+    else: kw['callback'] = callback
+    x = sample_ddpm(Denoiser(net, diffusion, clip_x0=False), x, timesteps, extra_args=dict(y=y) if exists(y) else {},
+                    variance='learned', **kw)
+    _randn_like(x, gen)         # ADM's p_sample also draws (and masks out) noise at t = 0: keep the generator in step
+    return x[:b]
+
+def _run_maskdm(model, diffusion, x, timesteps, y, eta, clip_x0, **kw):
+    "One batch of MaskDM's ddim_sample: clipped x0 with the raw eps (eps-prediction), its eta."
+    den = Denoiser(model, diffusion, clip_x0=clip_x0, keep_eps=diffusion.prediction == 'eps')
+    x = sample_ddim(den, x, timesteps, extra_args=dict(y=y) if exists(y) else {}, eta=eta, **kw)
+    if eta == 0:                # MaskDM draws noise at every step but the last even when sigma = 0
+        for _ in timesteps[1:]: _randn_like(x, kw['generator'])
+    return x
+
 # %% ../nbs/api/05_sample.ipynb #294d28ac
 @torch.no_grad()
-def generate(model, diffusion: Diffusion, n: int, *, sampler: str = 'ddim', steps: int = 50, eta: float = 0.,
-             y=None, cfg_scale: float = 1., batch_size: int = 256, generator: torch.Generator | None = None,
-             device=None, progress: bool = True, callback: Callable | None = None, spacing: str = 'trailing',
-             clip_x0: bool = True) -> torch.Tensor:
+def generate(model, diffusion: Diffusion, n: int, *, sampler: str | None = None, steps: int | None = None,
+             eta: float | None = None, y=None, cfg_scale: float = 1., batch_size: int = 256,
+             generator: torch.Generator | None = None, device=None, progress: bool = True,
+             callback: Callable | None = None, spacing: str | None = None, clip_x0: bool | None = None,
+             convention: str = 'sadm_lab', clamp: bool | None = None) -> torch.Tensor:
     """Sample `n` images (n, C, H, W) in [-1, 1] (CPU) from `model` with `sampler` in `SAMPLERS` on `steps` respaced
-    steps."""
+    steps; `convention` in `CONVENTIONS` (None arguments: the convention's values). `clamp=False` returns the samples
+    unclamped (latents, `sadm_lab.latent`)."""
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"unknown sampling convention {convention!r}: choose one of {list(CONVENTIONS)}")
+    conv = CONVENTIONS[convention]
+    given = dict(sampler=sampler, steps=steps, eta=eta, spacing=spacing, clip_x0=clip_x0)
+    for k in conv['fixed']:
+        if exists(given[k]) and given[k] != conv[k]:
+            raise ConfigError(f"convention {convention!r} fixes {k}={conv[k]!r} (as its official code); got "
+                              f"{k}={given[k]!r}: leave it unset or use convention='sadm_lab'")
+    sampler, steps, eta, spacing, clip_x0 = (default(v, conv[k]) for k, v in given.items())
     if sampler not in SAMPLERS: raise ConfigError(f"unknown sampler {sampler!r}: choose one of {list(SAMPLERS)}")
     if n < 1 or batch_size < 1: raise ConfigError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
     device = get_device(device) if exists(device) else next(model.parameters()).device
@@ -159,6 +245,7 @@ def generate(model, diffusion: Diffusion, n: int, *, sampler: str = 'ddim', step
         if y.shape != (n,) or y.min() < 0 or y.max() > num_classes:
             raise ConfigError(f"y must be an int or a LongTensor of shape ({n},) with values in [0, {num_classes}]")
     timesteps = space_timesteps(diffusion.num_timesteps, steps, spacing=spacing)
+    _check_convention(convention, model, diffusion, steps, cfg_scale)
     den = Denoiser(model, diffusion, cfg_scale=cfg_scale, clip_x0=clip_x0)
     options = dict(eta=eta) if sampler == 'ddim' else {}
     shape = (model.in_channels, model.input_size, model.input_size)
@@ -168,9 +255,13 @@ def generate(model, diffusion: Diffusion, n: int, *, sampler: str = 'ddim', step
         for i in range(0, n, batch_size):
             b = min(batch_size, n - i)
             x = torch.randn((b, *shape), generator=generator, device=device)
-            extra = dict(y=y[i:i + b].to(device)) if exists(y) else {}
-            x = SAMPLERS[sampler](den, x, timesteps, extra_args=extra, callback=callback, disable=not progress,
-                                  generator=generator, **options)
-            outs.append(x.clamp(-1, 1).float().cpu())
+            yb = y[i:i + b].to(device) if exists(y) else None
+            kw = dict(callback=callback, disable=not progress, generator=generator)
+            if convention == 'dit': x = _run_dit(model, diffusion, x, timesteps, yb, cfg_scale, **kw)
+            elif convention == 'maskdm': x = _run_maskdm(model, diffusion, x, timesteps, yb, eta, clip_x0, **kw)
+            else:
+                x = SAMPLERS[sampler](den, x, timesteps, extra_args=dict(y=yb) if exists(yb) else {}, **kw,
+                                      **options)
+            outs.append((x.clamp(-1, 1) if default(clamp, conv['clamp_output']) else x).float().cpu())
     finally: model.train(was_training)
     return torch.cat(outs)

@@ -30,8 +30,9 @@ from .viz import save_image_grid
 __all__ = ['TRACKER_PACKAGES', 'build_data', 'build_reference_data', 'build_network', 'build_diffusion', 'EMA', 'BatchStream',
            'step_generator', 'Callback', 'RunDir', 'NonFiniteError', 'RunLockedError', 'DivergenceWarning', 'RunLock',
            'check_state_dict', 'load_weights', 'checkpoint_weights', 'read_weights', 'make_evaluator',
-           'check_eval_settings', 'make_accelerator', 'Trainer', 'LogWindow', 'TrackerWarning', 'check_tracker',
-           'accelerator_trackers', 'tracker_config', 'training_clock', 'training_time', 'load_run', 'lr_at']
+           'check_eval_settings', 'make_accelerator', 'Trainer', 'LogWindow', 'latent_sampling', 'TrackerWarning',
+           'check_tracker', 'accelerator_trackers', 'tracker_config', 'training_clock', 'training_time', 'load_run',
+           'lr_at']
 
 # %% ../nbs/api/06_train.ipynb #5cae7f52
 def build_data(cfg: RunConfig, split: str = 'train') -> ImageData:
@@ -432,6 +433,12 @@ class Trainer:
                               and cfg.eval.enabled else self.data)   # FID's reference set (`build_reference_data`)
         if len(self.data) < 2:
             raise SadmError(f"dataset {cfg.data.name!r} has {len(self.data)} images; need at least 2")
+        self.pixel_data, self.codec = self.data, None         # latent runs: the images, and the VAE (`sadm_lab.latent`)
+        if cfg.data.vae:
+            from sadm_lab.latent import run_codec, latent_data
+            self.codec = run_codec(cfg, device=self.device)
+            with self.acc.main_process_first():             # one process encodes, the others read the cache
+                self.data = latent_data(cfg, self.pixel_data, self.codec, progress=progress and self.is_main)
         with seeded(tc.seed): net = build_network(cfg, self.data)     # the initial weights depend on the seed only
         if tc.init_from and self.resume_from is None:       # on resume the run's own checkpoint wins
             load_weights(net, read_weights(tc.init_from, weights=tc.init_weights, like=net),
@@ -450,7 +457,7 @@ class Trainer:
         self.objectives = build_objectives(cfg, self.schedule, net=net, diffusion=self.diffusion, device=self.device,
                                            sample_shape=tuple(self.data.images.shape[1:]),
                                            processes=self.acc.num_processes, micro_batch=self.stream.micro,
-                                           heldout=lambda: self.heldout_data or self.data, data=lambda: self.data)
+                                           heldout=lambda: self.heldout_model_data or self.data, data=lambda: self.data)
         if tc.compile: self.model = torch.compile(self.model)
         self.step, self.stop_requested, self.interrupted = 0, False, False
         self.nonfinite_run = self.nonfinite_total = self._nonfinite_window = 0   # skipped steps (see "Faults")
@@ -792,13 +799,19 @@ Trainer.check_divergence = _check_divergence
 
 # %% ../nbs/api/06_train.ipynb #5b3cfdb8
 def _sample_images(self, n: int, *, seed: int = 1234, progress: bool = False, ema: bool = True) -> torch.Tensor:
-    "`n` images from the EMA (or raw) model with the config's sampler; fixed seed so grids are comparable."
+    """`n` images from the EMA (or raw) model with the config's sampler; fixed seed so grids are comparable. A latent
+    run samples latents (unclipped) and decodes them."""
     sc = self.cfg.sample
     g = torch.Generator(device=self.device).manual_seed(seed)
     with self.speed_flags():
-        return generate(self.sampling_model if ema else self.unwrapped, self.diffusion, n, sampler=sc.sampler,
-                        steps=sc.steps, eta=sc.eta, cfg_scale=sc.cfg_scale, batch_size=sc.batch_size, generator=g,
-                        device=self.device, progress=progress)
+        out = generate(self.sampling_model if ema else self.unwrapped, self.diffusion, n, sampler=sc.sampler,
+                       steps=sc.steps, eta=sc.eta, cfg_scale=sc.cfg_scale, batch_size=sc.batch_size, generator=g,
+                       device=self.device, progress=progress, **latent_sampling(self.codec))
+    return out if self.codec is None else self.codec.decode(out)
+
+def latent_sampling(codec) -> dict:
+    "`generate` options of a latent run (x0 not clipped, samples not clamped: latents are not in [-1, 1]), else {}."
+    return {} if codec is None else dict(clip_x0=False, clamp=False)
 
 def _save_samples(self) -> Path | None:
     if not self.is_main: return None
@@ -823,6 +836,12 @@ def _heldout_data(self) -> ImageData | None:
     except SadmError: return None
     return held.subset(torch.arange(2000)) if len(held) > 2000 else held
 
+def _heldout_model_data(self) -> ImageData | None:
+    "The held-out images as the network sees them: `heldout_data`, or its latents in a latent run."
+    if self.heldout_data is None or self.codec is None: return self.heldout_data
+    from sadm_lab.latent import latent_data
+    return latent_data(self.cfg, self.heldout_data, self.codec)
+
 def _evaluate(self) -> dict | None:
     "FID of `eval.num_samples` generated images with the real-vs-real floor, plus the memorisation check."
     if not (self.is_main and self.cfg.eval.enabled): return None
@@ -834,7 +853,7 @@ def _evaluate(self) -> dict | None:
            'n_ref': res.get('n_ref'), 'features': res.get('features'), 'features_version': res.get('version')}
     if self.heldout_data is not None:
         from sadm_lab.metrics import memorization_report
-        mem = memorization_report(fake, self.data.images, self.heldout_data.images)
+        mem = memorization_report(fake, self.pixel_data.images, self.heldout_data.images)
         rec.update(nn_ratio=mem['nn_ratio'], copy_fraction=mem['copy_fraction'])
     rec.update(seconds=round(time.time() - t0, 2), time=time.time())
     self.run.append_metrics(rec)
@@ -845,6 +864,8 @@ def _evaluate(self) -> dict | None:
 Trainer.sample_images, Trainer.save_samples, Trainer.evaluator = _sample_images, _save_samples, _evaluator
 Trainer.heldout_data, Trainer.evaluate = functools.cached_property(_heldout_data), _evaluate
 Trainer.heldout_data.__set_name__(Trainer, 'heldout_data')
+Trainer.heldout_model_data = functools.cached_property(_heldout_model_data)
+Trainer.heldout_model_data.__set_name__(Trainer, 'heldout_model_data')
 
 # %% ../nbs/api/06_train.ipynb #257fc10a
 TRACKER_PACKAGES = {'tensorboard': 'tensorboard', 'wandb': 'wandb', 'mlflow': 'mlflow'}   # train.log_with -> package
@@ -1087,6 +1108,14 @@ def load_run(run_dir, *, checkpoint=None, weights: str = 'ema', device='cpu'):
         raise CheckpointError(f"{path} was trained with another model/diffusion/data config than {run.config_path}: "
                               + '; '.join(f"{k}: checkpoint {a!r}, run {b!r}" for k, (a, b) in diff.items()))
     data = build_data(cfg)
-    model = build_network(cfg, data)
+    codec = None
+    if cfg.data.vae:                                     # a latent run: the network is sized for the latents
+        from types import SimpleNamespace
+        from sadm_lab.latent import run_codec
+        codec = run_codec(cfg, device=get_device(device))
+        shape = codec.latent_shape(tuple(data.images.shape[1:]))
+        model = build_network(cfg, SimpleNamespace(images=torch.empty(0, *shape), num_classes=data.num_classes))
+    else: model = build_network(cfg, data)
     load_weights(model, checkpoint_weights(ck, weights), source=str(path))
+    model.latent_codec = codec                           # (None for pixel runs; see sadm_lab.latent)
     return model.to(get_device(device)).eval(), build_diffusion(cfg), cfg, data

@@ -287,6 +287,13 @@ class _Latest:
             raise e
         return True
 
+# %% ../nbs/api/13_widgets.ipynb #afc9cb43
+def _pixel_run_only(model, what: str):
+    "Refuse a latent run (`data.vae`) in a widget that shows pixel images of the network's input."
+    if getattr(model, 'latent_codec', None) is not None:
+        raise SadmError(f"{what} shows pixel-space runs; this run trains on VAE latents (data.vae), which it cannot "
+                        "show yet: sample it with `sadm-lab sample` instead")
+
 # %% ../nbs/api/13_widgets.ipynb #8d8510ce
 COMPARE = ('predictions', 'samples')     # x̂0 of the noised real batch (index-aligned), or few-step samples
 
@@ -333,6 +340,7 @@ class ManifoldExplorer:
         from sadm_lab.structure import build_structure_encoder
         from sadm_lab.core import safe_torch_load
         model, diffusion, cfg, data = load_run(run_dir, checkpoint=checkpoint, weights=weights, device=device)
+        _pixel_run_only(model, 'the manifold explorer')
         encoder = None
         ck = safe_torch_load(Path(checkpoint) if checkpoint else RunDir(run_dir).latest_checkpoint())
         state = (ck.get('objectives') or {}).get('sadm') or ck.get('sadm')      # (`sadm`: the earlier layout)
@@ -626,6 +634,7 @@ class MaskVisualiser:
         "A visualiser over a run's images with its model (strategy, ratio and sizes default to the run's `mask.*`)."
         from sadm_lab.train import load_run
         model, diffusion, cfg, data = load_run(run_dir, checkpoint=checkpoint, weights=weights, device=device)
+        _pixel_run_only(model, 'the mask visualiser')
         m = cfg.mask
         if m.strategy != 'none':
             kwargs.setdefault('strategy', m.strategy)
