@@ -30,9 +30,9 @@ from .viz import save_image_grid
 __all__ = ['TRACKER_PACKAGES', 'build_data', 'build_reference_data', 'build_network', 'build_diffusion', 'EMA', 'BatchStream',
            'step_generator', 'Callback', 'RunDir', 'NonFiniteError', 'RunLockedError', 'DivergenceWarning', 'RunLock',
            'check_state_dict', 'load_weights', 'checkpoint_weights', 'read_weights', 'make_evaluator',
-           'check_eval_settings', 'make_accelerator', 'Trainer', 'LogWindow', 'latent_sampling', 'TrackerWarning',
-           'check_tracker', 'accelerator_trackers', 'tracker_config', 'training_clock', 'training_time', 'load_run',
-           'lr_at']
+           'check_eval_settings', 'check_distributed', 'make_accelerator', 'Trainer', 'LogWindow', 'latent_sampling',
+           'TrackerWarning', 'check_tracker', 'accelerator_trackers', 'tracker_config', 'training_clock',
+           'training_time', 'load_run', 'lr_at']
 
 # %% ../nbs/api/06_train.ipynb #5cae7f52
 def build_data(cfg: RunConfig, split: str = 'train') -> ImageData:
@@ -382,6 +382,16 @@ def check_eval_settings(data: ImageData, *, features: str, n: int | None):
                           f"eval.num_samples<={len(data) // 2}")
 
 # %% ../nbs/api/06_train.ipynb #d0f71220
+def check_distributed(acc):
+    """Refuse sharded data parallelism (FSDP, DeepSpeed): the EMA, checkpoints, samplers and structure objectives
+    read the whole network on every process. Plain data parallelism (DDP) trains every size the papers use."""
+    kind = str(getattr(acc, 'distributed_type', 'NO')).split('.')[-1]
+    if kind in ('FSDP', 'DEEPSPEED', 'MEGATRON_LM'):
+        raise ConfigError(f"accelerate is configured for {kind}, which sadm_lab does not support: the EMA, checkpoints "
+                          "and structure objectives need the whole network on every process. Use plain data "
+                          "parallelism (`accelerate launch --multi_gpu ...`, DDP): DiT-XL/2's weights, gradients, "
+                          "AdamW moments and EMA take about 13.5 GB in fp32, which one GPU per process holds")
+
 def make_accelerator(tc, project_dir=None):
     """An `Accelerator` for `train.device` and `train.precision` (fp16 needs CUDA; bf16 runs on CPUs and most GPUs),
     with the experiment tracker of `train.log_with` logging under `<project_dir>/tracker` (the run folder; see
@@ -423,6 +433,7 @@ class Trainer:
             raise ConfigError(f"train.log_with={tc.log_with!r}, but the accelerator was built without it "
                               f"(log_with={accelerator_trackers(self.acc)}): {how}")
         self.tracking, self._tracker_warned, self._mlflow_uri = False, False, None   # (`start_tracking`)
+        check_distributed(self.acc)
         self.device, self.is_main = self.acc.device, self.acc.is_main_process
         self.notes: list[tuple[str, str]] = []               # (event, one line) said at construction, logged by `fit`
         self.resume_from = self._prepare_run_dir(resume)      # the checkpoint to continue from, or None

@@ -13,5 +13,5 @@ cfg = get_config('smoke', ['train.steps=6', 'eval.enabled=false', 'train.sample_
 tr = Trainer(cfg, out / 'run', progress=False)
 init = {k: v.clone() for k, v in tr.unwrapped.state_dict().items()}
 tr.fit()
-torch.save({'model': tr.unwrapped.state_dict(), 'init': init, 'step': tr.step,
+torch.save({'model': tr.unwrapped.state_dict(), 'ema': tr.ema.model.state_dict(), 'init': init, 'step': tr.step,
             'world_size': tr.acc.num_processes}, out / f'rank{tr.acc.process_index}.pt')

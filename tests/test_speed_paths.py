@@ -134,3 +134,15 @@ def test_torch_compile_gives_the_plain_outputs_and_gradients():
     out1, g1 = loss_and_grads(torch.compile(m))
     torch.testing.assert_close(out1, out0, atol=1e-5, rtol=1e-5)
     for a, b in zip(g1, g0): torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_sharded_data_parallelism_is_refused_with_the_reason():
+    from types import SimpleNamespace
+    from accelerate.utils import DistributedType
+    from sadm_lab.core import ConfigError
+    from sadm_lab.train import check_distributed
+    for ok in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        check_distributed(SimpleNamespace(distributed_type=ok))
+    for bad in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ConfigError, match='whole network on every process'):
+            check_distributed(SimpleNamespace(distributed_type=bad))

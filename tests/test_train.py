@@ -118,6 +118,8 @@ def test_two_processes_through_accelerate_hold_identical_weights(tmp_path, launc
     assert w0['step'] == w1['step'] == 6
     for k in w0['model']: assert torch.equal(w0['model'][k], w1['model'][k]), k
     assert any(not torch.equal(w0['model'][k], w0['init'][k]) for k in w0['model'])
+    for k in w0['ema']: assert torch.equal(w0['ema'][k], w1['ema'][k]), k          # EMA: the same on every rank,
+    assert any(not torch.equal(w0['ema'][k], w0['model'][k]) for k in w0['ema'])  # and an average, not a copy
     start = [r for r in RunDir(tmp_path / 'run').read_metrics() if r.get('event') == 'start']
     assert start and start[0]['processes'] == 2
 
