@@ -221,6 +221,9 @@ def cmd_import(a) -> int:
           f"x{model.in_channels} inputs, {model.num_classes} classes; it loads exactly. Fine-tune it on data of that "
           "size with:\n  sadm-lab train <preset> " + ' '.join(f"{k}={v}" for k, v in ov.items())
           + f" train.init_from={a.source}")
+    if 'data.vae' not in ov and model.in_channels == 4:
+        print("A 4-channel DiT is usually a latent model (e.g. the official DiT-XL/2 on Stable Diffusion's VAE): then "
+              "set data.vae=<its VAE> and data.resolution=<its image size> instead of the data.* values above.")
     return 0
 
 def cmd_presets(a) -> int:

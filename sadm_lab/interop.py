@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/14_interop.ipynb #0222d24d
 from __future__ import annotations
-import json, re, shutil, tempfile, time
+import json, os, re, shutil, tempfile, time
 from pathlib import Path
 
 import torch
@@ -147,9 +147,14 @@ def _write_folder(dest: Path, fill, *, force: bool) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f'.{dest.name}.', suffix='.tmp', dir=dest.parent))
     try:
         fill(tmp)
+        umask = os.umask(0); os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)                   # mkdtemp makes 0700 folders; give the usual permissions
         old = None
         if dest.exists(): old = dest.with_name(f'.{dest.name}.old-{time.time_ns()}'); dest.rename(old)
-        tmp.rename(dest)
+        try: tmp.rename(dest)
+        except BaseException:
+            if old is not None: old.rename(dest)        # the previous export stays where it was
+            raise
         if old is not None: shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -256,6 +261,8 @@ def load_safetensors_model(file, *, device='cpu'):
                             num_classes=int(meta['data_num_classes']))
     model = build_network(cfg, shape)
     load_weights(model, sd, source=str(file))
+    from sadm_lab.latent import run_codec
+    model.latent_codec = run_codec(cfg, device=device)   # a latent run's VAE (None in pixel space), as `load_run`
     return model.to(device).eval(), build_diffusion(cfg), cfg
 
 # %% ../nbs/api/14_interop.ipynb #7184255c
@@ -295,9 +302,13 @@ def _use_section(model, cfg, file, diffusers_folder: bool) -> list[str]:
                 "With sadm_lab: `train.init_from=<this folder>` fine-tunes it (see `sadm_lab.interop`).", '']
     name = Path(file).name if file else 'model.safetensors'
     return ['```python', 'from sadm_lab.interop import load_safetensors_model', 'from sadm_lab.sample import generate',
-            f"model, diffusion, cfg = load_safetensors_model('{name}')",
-            f"images = generate(model, diffusion, 16, sampler='{cfg.sample.sampler}', steps={cfg.sample.steps})"
-            "   # in [-1, 1]", '```', '', f"Fine-tune it: `sadm-lab train <preset> train.init_from={name}`.", '']
+            f"model, diffusion, cfg = load_safetensors_model('{name}')"] + (
+            [f"images = generate(model, diffusion, 16, sampler='{cfg.sample.sampler}', steps={cfg.sample.steps})"
+             "   # in [-1, 1]"] if not cfg.data.vae else
+            ['from sadm_lab.train import latent_sampling', 'codec = model.latent_codec          # the VAE of data.vae',
+             f"latents = generate(model, diffusion, 16, sampler='{cfg.sample.sampler}', steps={cfg.sample.steps}, "
+             "**latent_sampling(codec))", 'images = codec.decode(latents)      # in [-1, 1]']) + [
+            '```', '', f"Fine-tune it: `sadm-lab train <preset> train.init_from={name}`.", '']
 
 def _eval_section(evals: list[dict]) -> list[str]:
     if not evals: return ['No evaluation was recorded for this run.', '']
@@ -437,7 +448,7 @@ def diffusers_weights_for(model, sd: dict, *, source='diffusers folder') -> dict
         extra = out[key][rows:]
         if out[key].shape[0] > rows and extra.abs().max() > 0:
             raise CheckpointError(f"{source}: its label table has {out[key].shape[0]} rows with non-zero entries "
-                                  f"beyond this model's {rows}")
+                                  f"beyond this model's {rows} (a null row needs model.class_dropout_prob > 0)")
         out[key] = out[key][:rows]
     return out
 
@@ -486,5 +497,17 @@ def diffusers_overrides(source) -> dict:
     return {'model.preset': preset, 'model.hidden_size': kw['hidden_size'],
             'model.depth': kw['depth'], 'model.num_heads': kw['num_heads'], 'model.patch_size': kw['patch_size'],
             'model.learn_sigma': kw['learn_sigma'], 'model.class_dropout_prob': kw['class_dropout_prob'],
-            'model.time_freq_shift': kw['time_freq_shift'], 'data.resolution': kw['input_size'],
-            'data.channels': kw['in_channels'], 'data.conditional': kw['num_classes'] > 0}
+            'model.time_freq_shift': kw['time_freq_shift'], **_data_overrides(source, kw),
+            'data.conditional': kw['num_classes'] > 0}
+
+def _data_overrides(source, kw) -> dict:
+    """`data.*` of a diffusers DiT: its image size and channels, or, for a latent model whose folder holds its VAE,
+    `data.vae` and the image size the VAE maps to the model's latents."""
+    folder = resolve_diffusers_source(source)
+    vae = folder.parent / 'vae'
+    if not (vae / 'config.json').is_file():
+        return {'data.resolution': kw['input_size'], 'data.channels': kw['in_channels']}
+    c = json.loads((vae / 'config.json').read_text())
+    factor = 2 ** (len(c.get('block_out_channels', [0])) - 1)
+    return {'data.vae': str(vae), 'data.resolution': kw['input_size'] * factor,
+            'data.channels': c.get('in_channels', 3)}

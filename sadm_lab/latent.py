@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .core import ConfigError, DataError, CheckpointError, atomic_write, atomic_write_json, exists
+from .core import (ConfigError, DataError, CheckpointError, atomic_write, atomic_write_json, exists,
+                           file_sha256)
 
 # %% auto #0
 __all__ = ['LATENT_MODES', 'LatentCodec', 'tiny_vae', 'latent_cache_dir', 'latent_key', 'cache_latents', 'load_latents',
@@ -45,7 +46,8 @@ class LatentCodec:
         p = Path(str(source)).expanduser()
         if p.is_dir() and subfolder is None and not (p / 'config.json').is_file() and (p / 'vae').is_dir():
             subfolder = 'vae'
-        if not p.exists() and not (str(source).count('/') == 1 and not str(source).startswith(('.', '/', '~'))):
+        from sadm_lab.interop import is_hub_id
+        if not p.exists() and not is_hub_id(source):
             raise ConfigError(f"VAE {source}: no such folder (and not a hub repo id like 'stabilityai/sd-vae-ft-ema')")
         try: vae = AutoencoderKL.from_pretrained(str(p) if p.exists() else str(source), subfolder=subfolder)
         except Exception as e:
@@ -126,12 +128,6 @@ def latent_key(images: torch.Tensor, labels, codec: LatentCodec, *, mode: str, s
     if exists(labels): h.update(torch.as_tensor(labels).to(torch.int64).numpy().tobytes())
     return h.hexdigest()[:20]
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
-    return h.hexdigest()
-
 def cache_latents(images: torch.Tensor, codec: LatentCodec, *, labels: torch.Tensor | None = None, cache_dir=None,
                   shard_size: int = 1024, mode: str = 'sample', seed: int = 0, progress: bool = True) -> Path:
     "Encode `images` once into a sharded, resumable cache (see above); returns its folder."
@@ -160,7 +156,7 @@ def cache_latents(images: torch.Tensor, codec: LatentCodec, *, labels: torch.Ten
         tensors = {'latents': codec.encode(images[sl], mode=mode, generator=g).contiguous()}
         if exists(labels): tensors['labels'] = torch.as_tensor(labels[sl]).to(torch.int64).contiguous()
         atomic_write(folder / name, lambda p, t=tensors: save_file(t, p))
-        man['shards'][name] = _sha256(folder / name)
+        man['shards'][name] = file_sha256(folder / name)
         atomic_write_json(man_path, man)
         bar.update(1)
     bar.close()
@@ -180,7 +176,7 @@ def load_latents(folder) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
                                 "run cache_latents again to finish it")
     zs, ys = [], []
     for s in names:
-        if _sha256(folder / s) != man['shards'][s]:
+        if file_sha256(folder / s) != man['shards'][s]:
             raise DataError(f"latent cache shard {folder / s} does not match its checksum (corrupt): delete it and "
                             "run cache_latents again")
         t = load_file(folder / s)

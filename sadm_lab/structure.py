@@ -181,7 +181,9 @@ def guarded_step(module: nn.Module, optimizer: torch.optim.Optimizer, loss: torc
     loss.backward()
     params = [p for p in module.parameters() if p.grad is not None]
     if grad_clip > 0: gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    else: gnorm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+    else:                                         # (torch.nn.utils.get_total_norm needs torch >= 2.6)
+        gnorm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+                 if params else torch.zeros(()))
     ok = torch.isfinite(gnorm) if _world_size() > 1 else torch.isfinite(gnorm) & torch.isfinite(loss.detach()).all()
     ok = bool(ok)
     if ok: optimizer.step()

@@ -247,6 +247,8 @@ def _pid_alive(pid: int) -> bool:
     except (PermissionError, OSError): return True        # exists, owned by another user
     return True
 
+_HELD_TOKENS: set[str] = set()                           # lock tokens this process holds
+
 class RunLock:
     "The `lock` file of a run folder: one writer at a time (see above)."
     def __init__(self, run_dir):
@@ -259,11 +261,15 @@ class RunLock:
         except (OSError, ValueError): return {}
         return info if isinstance(info, dict) else {}
 
-    @staticmethod
-    def stale(info: dict) -> bool:
-        "Whether the holder is a process of this host that no longer runs (an unreadable lock counts as stale)."
-        if not info or not isinstance(info.get('pid'), int): return True
-        return info.get('host') == socket.gethostname() and not _pid_alive(info['pid'])
+    def stale(self, info: dict) -> bool:
+        """Whether the holder is a process of this host that no longer runs: a dead pid, or this process's pid with
+        a token it does not hold (a restarted container). An unreadable lock counts as stale once it is 10 s old."""
+        if not info or not isinstance(info.get('pid'), int):
+            try: return time.time() - self.path.stat().st_mtime > 10
+            except FileNotFoundError: return True
+        if info.get('host') != socket.gethostname(): return False
+        if info['pid'] == os.getpid(): return info.get('token') not in _HELD_TOKENS
+        return not _pid_alive(info['pid'])
 
     @staticmethod
     def describe(info: dict) -> str:
@@ -274,31 +280,49 @@ class RunLock:
         info = self.owner()
         if info is not None and not self.held and not self.stale(info):
             raise RunLockedError(f"{self.path.parent} is being written by another training run ({self.describe(info)}; "
-                                 f"lock file {self.path}): wait for it to end or stop it, or use another folder")
+                                 f"lock file {self.path}): wait for it to end or stop it, or use another folder (if "
+                                 "that process is gone, e.g. a job moved to another node, delete the lock file)")
 
     def acquire(self):
         "Create the lock file atomically; take over a stale one (reported in one line)."
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try: fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self.check()
-                info = self.owner()
-                if info is not None:
-                    print(f"sadm_lab: taking over the stale lock {self.path} ({self.describe(info)}: not running)",
-                          file=sys.stderr)
-                    self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, 'w') as f:
-                json.dump({'pid': os.getpid(), 'host': socket.gethostname(),
-                           'since': time.strftime('%Y-%m-%d %H:%M:%S')}, f)
-            self.held = True
-            return self
+        import secrets
+        token = secrets.token_hex(8)
+        info = {'pid': os.getpid(), 'host': socket.gethostname(), 'since': time.strftime('%Y-%m-%d %H:%M:%S'),
+                'token': token}
+        tmp = self.path.with_name(f'.{self.path.name}.{os.getpid()}.{token}.tmp')
+        tmp.write_text(json.dumps(info))                 # complete before it becomes the lock: never read half-written
+        try:
+            for _ in range(3):
+                try: self._create(tmp)                   # atomic, and fails if a lock exists
+                except FileExistsError:
+                    self.check()
+                    old = self.owner()
+                    if old is not None:
+                        print(f"sadm_lab: taking over the stale lock {self.path} ({self.describe(old)}: not running)",
+                              file=sys.stderr)
+                        self.path.unlink(missing_ok=True)
+                    continue
+                _HELD_TOKENS.add(token)
+                self.held, self.token = True, token
+                return self
+        finally: tmp.unlink(missing_ok=True)
         raise RunLockedError(f"could not take the lock {self.path}: another process keeps creating it")
 
     def release(self):
         if self.held: self.path.unlink(missing_ok=True)
+        _HELD_TOKENS.discard(getattr(self, 'token', None))
         self.held = False
+
+    def _create(self, tmp: Path):
+        "Make the lock file from the complete `tmp` atomically; `FileExistsError` if a lock exists."
+        try:
+            os.link(tmp, self.path)
+            return
+        except FileExistsError: raise
+        except OSError: pass                             # no hard links on this filesystem: create exclusively
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, 'w') as f: f.write(tmp.read_text())
 
 # %% ../nbs/api/06_train.ipynb #09081fb7
 def check_state_dict(model: nn.Module, sd: dict, source: str = 'checkpoint'):
@@ -436,7 +460,8 @@ class Trainer:
         check_distributed(self.acc)
         self.device, self.is_main = self.acc.device, self.acc.is_main_process
         self.notes: list[tuple[str, str]] = []               # (event, one line) said at construction, logged by `fit`
-        self.resume_from = self._prepare_run_dir(resume)      # the checkpoint to continue from, or None
+        with self.acc.main_process_first():                 # (the main process sets bad checkpoints aside first)
+            self.resume_from = self._prepare_run_dir(resume)  # the checkpoint to continue from, or None
         self.schedule = self._resolve_schedule(schedule)
         with self.acc.main_process_first():                 # one process downloads/prepares data, the others read it
             self.data = data if data is not None else build_data(cfg)
@@ -478,6 +503,7 @@ class Trainer:
         self._evaluator = None                               # built at the first evaluation (`evaluator`)
         if cfg.eval.enabled: check_eval_settings(self.eval_data, features=cfg.eval.features, n=cfg.eval.num_samples)
         if self.resume_from is not None: self.load_checkpoint(self.resume_from)
+        for g in self.opt.param_groups: g['fused'] = True if tc.fused_adamw else None   # (a resume may change it)
         if self.step > tc.steps:
             raise ConfigError(f"the checkpoint is at step {self.step}, beyond train.steps={tc.steps}: "
                               f"resume with train.steps >= {self.step}")
@@ -696,6 +722,7 @@ def _train_step(self) -> dict:
         loss_ok, grad_ok = self.finite_flags(total, gnorm)
         overflow = loss_ok and not grad_ok and getattr(self.acc, 'scaler', None) is not None   # fp16: the scaler's
         if (loss_ok and grad_ok) or overflow: self.opt.step()                                  # to skip and rescale
+        elif getattr(self.acc, 'scaler', None) is not None: self.acc.scaler.update()   # (fp16: unscaled by the clip)
         self.opt.zero_grad(set_to_none=True)
         if loss_ok and grad_ok and self.ema is not None: self.ema.update(self.unwrapped)
     self.step += 1
@@ -1017,7 +1044,8 @@ def _clean_temp_files(self):
     "Remove the temp files (`.<name>.*.tmp`) of atomic writes that a crash interrupted (main process, lock held)."
     n = 0
     for d in (self.run.path, self.run.ckpt_dir, self.run.samples_dir):
-        for p in (d.glob('.*.tmp') if d.is_dir() else ()): p.unlink(missing_ok=True); n += 1
+        for p in (d.glob('.*.tmp') if d.is_dir() else ()):
+            if p.is_file(): p.unlink(missing_ok=True); n += 1
     if n: print(f"sadm_lab: removed {n} temp file(s) of interrupted writes from {self.run.path}", file=sys.stderr)
 
 def _fit(self) -> 'Trainer':
@@ -1107,8 +1135,16 @@ def load_run(run_dir, *, checkpoint=None, weights: str = 'ema', device='cpu'):
     run = RunDir(run_dir)
     if not run.config_path.is_file(): raise SadmError(f"{run.path} is not a sadm_lab run folder (no config.json)")
     cfg = load_config(run.config_path)
-    path = Path(checkpoint) if checkpoint else run.latest_checkpoint()
-    if path is None: raise CheckpointError(f"run {run.path} has no checkpoint yet")
+    if checkpoint:
+        path = Path(checkpoint)
+        why = run.checkpoint_problem(path)
+        if why: raise CheckpointError(f"{path}: {why}")
+    else:                                                # the newest checkpoint whose checksum holds
+        path, problems = run.resume_checkpoint()
+        for bad, why in problems: print(f"sadm_lab: skipping {bad.name}: {why}", file=sys.stderr)
+        if path is None:
+            raise CheckpointError(f"run {run.path} has no usable checkpoint"
+                                  + (f" ({len(problems)} unusable)" if problems else " yet"))
     ck = safe_torch_load(path)
     if not isinstance(ck, dict) or ck.get('format') != 'sadm_lab-ckpt-1':
         raise CheckpointError(f"{path} is not a sadm_lab training checkpoint")

@@ -327,3 +327,42 @@ def test_load_run_still_reads_a_run_after_faults(tmp_path):
     Trainer(_cfg('train.steps=4'), tmp_path / 'r', progress=False).fit()
     model, *_ = load_run(tmp_path / 'r')
     assert _finite(model.state_dict())
+
+
+# ------------------------------------------------------------------------------------------ found in review, mended
+def test_a_half_written_lock_is_live_and_a_reused_pid_with_a_foreign_token_is_stale(tmp_path):
+    lock = RunLock(tmp_path)
+    lock.path.write_text('')                                          # being written by another starter right now
+    with pytest.raises(RunLockedError): lock.acquire()
+    os.utime(lock.path, (time.time() - 60, time.time() - 60))         # ... or left unreadable long ago: stale
+    lock.acquire().release()
+    lock.path.write_text(json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'since': 'before a restart',
+                                     'token': 'not-held-here'}))      # our pid, but not our lock (a new container)
+    held = RunLock(tmp_path).acquire()
+    assert held.owner()['token'] == held.token
+    with pytest.raises(RunLockedError, match='delete the lock file'): RunLock(tmp_path).acquire()
+    held.release()
+    assert not any(p.name.endswith('.tmp') for p in tmp_path.iterdir())   # the lock's temp file is gone too
+
+
+def test_load_run_skips_a_corrupt_latest_checkpoint_and_temp_folders_do_not_stop_a_start(tmp_path, capsys):
+    Trainer(_cfg('train.steps=8'), tmp_path / 'r', progress=False).fit()
+    run = RunDir(tmp_path / 'r')
+    latest = run.named_checkpoint()
+    data = bytearray(latest.read_bytes()); data[len(data) // 2] ^= 0xFF; latest.write_bytes(bytes(data))
+    model, *_ = load_run(tmp_path / 'r')
+    assert 'skipping ckpt-0000008.pt' in capsys.readouterr().err
+    older = safe_torch_load(run.ckpt_dir / 'ckpt-0000004.pt')
+    ema = {k[len('model.'):]: v for k, v in older['ema'].items() if k.startswith('model.')}
+    assert ema and all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())     # the step-4 EMA weights
+    with pytest.raises(CheckpointError, match='sha256 does not match'): load_run(tmp_path / 'r', checkpoint=latest)
+    (tmp_path / 'r' / '.export.123.tmp').mkdir()                      # e.g. an interrupted export into the run
+    tr = Trainer(_cfg('train.steps=9'), tmp_path / 'r', resume=True, progress=False).fit()
+    assert tr.step == 9
+
+
+def test_fused_adamw_can_be_switched_on_resume(tmp_path):
+    Trainer(_cfg('train.steps=4'), tmp_path / 'r', progress=False).fit()
+    tr = Trainer(_cfg('train.steps=6', 'train.fused_adamw=true'), tmp_path / 'r', resume=True, progress=False)
+    assert all(g['fused'] for g in tr.opt.param_groups)
+    assert tr.fit().step == 6

@@ -136,3 +136,18 @@ def test_widgets_refuse_latent_runs_clearly(vae_dir, tmp_path, monkeypatch):
             progress=False).fit()
     for cls in (ManifoldExplorer, MaskVisualiser):
         with pytest.raises(SadmError, match='trains on VAE latents'): cls.from_run(tmp_path / 'run')
+
+
+def test_latent_exports_say_how_to_rebuild_the_run(vae_dir, tmp_path, monkeypatch):
+    from sadm_lab.interop import diffusers_overrides, export_diffusers, export_safetensors, load_safetensors_model
+    monkeypatch.setenv('SADM_LAB_CACHE', str(tmp_path / 'cache'))
+    Trainer(get_config('smoke', [f'data.vae={vae_dir}', 'train.steps=1', 'eval.enabled=false']), tmp_path / 'run',
+            progress=False).fit()
+    folder = export_diffusers(tmp_path / 'run', tmp_path / 'out')
+    ov = diffusers_overrides(folder)
+    assert (ov['data.vae'], ov['data.resolution'], ov['data.channels']) == (str(folder / 'vae'), 8, 1)
+    f = export_safetensors(tmp_path / 'run', tmp_path / 'm.safetensors')
+    model, _, cfg = load_safetensors_model(f)
+    assert model.latent_codec is not None and model.latent_codec.latent_shape((1, 8, 8)) == (4, 4, 4)
+    card = (tmp_path / 'm.md').read_text()
+    assert 'codec.decode(latents)' in card and 'latent_sampling' in card

@@ -146,3 +146,10 @@ def test_sharded_data_parallelism_is_refused_with_the_reason():
     for bad in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         with pytest.raises(ConfigError, match='whole network on every process'):
             check_distributed(SimpleNamespace(distributed_type=bad))
+
+
+def test_the_attention_kernel_choice_really_restricts_the_kernel():
+    "On CPU there is no memory-efficient kernel: pinning it must fail, so the pin is not a no-op."
+    m = tiny(DiT)
+    with pytest.raises(RuntimeError):
+        with sdpa_backend('efficient'): loss_and_grads(m)
