@@ -346,7 +346,9 @@ def _decode_all(paths: list, *, resolution: int, channels: int, where: str, max_
     "Decode `paths`; returns (uint8 (n, C, R, R) or None, kept positions, [(path, error)] of skipped files)."
     arrays, keep, bad = [], [], []
     for i, p in enumerate(tqdm(paths, desc=f'loading {where}', disable=len(paths) < 2000, leave=False)):
-        try: arrays.append(load_image(p, resolution=resolution, channels=channels, preprocess=preprocess)); keep.append(i)
+        try:
+            arrays.append(load_image(p, resolution=resolution, channels=channels, preprocess=preprocess))
+            keep.append(i)
         except Exception as e: bad.append((p, e))  # any decoder failure means "unreadable file": report, skip
     if bad and arrays:
         shown = ', '.join(f"{p} ({type(e).__name__})" for p, e in bad[:max_report])
@@ -356,7 +358,7 @@ def _decode_all(paths: list, *, resolution: int, channels: int, where: str, max_
     return (np.stack(arrays) if arrays else None), keep, bad
 
 # %% ../nbs/api/02_data.ipynb #d4792e26
-MEMORY_BUDGET = 0.5  # largest fraction of physical RAM a dataset's float32 images may take (loaders check before decoding)
+MEMORY_BUDGET = 0.5  # largest fraction of physical RAM a dataset's float32 images may take (checked before decoding)
 
 def physical_memory() -> int | None:
     "Bytes of physical RAM (os.sysconf, no psutil), or None where the platform does not say."
@@ -371,8 +373,8 @@ def check_memory(n: int, channels: int, resolution: int, *, what: str, budget: f
         default(budget, MEMORY_BUDGET)
     if total is None or need <= budget * total: return need
     fit = max(1, int(budget * total // (channels * resolution * resolution * 4)))
-    raise DataError(f"{what}: {n} images of {channels}x{resolution}x{resolution} need {need / 2**30:.1f} GiB as float32 "
-                    f"in memory, more than {budget:.0%} of this machine's {total / 2**30:.1f} GiB RAM "
+    raise DataError(f"{what}: {n} images of {channels}x{resolution}x{resolution} need {need / 2**30:.1f} GiB as "
+                    f"float32 in memory, more than {budget:.0%} of this machine's {total / 2**30:.1f} GiB RAM "
                     f"(sadm_lab.data.MEMORY_BUDGET). Use data.max_images={fit} or fewer, a smaller data.resolution, "
                     f"or a latent run (data.vae=<AutoencoderKL>, which caches 4x{resolution // 8}x{resolution // 8} "
                     f"latents instead of pixels).")
@@ -439,8 +441,9 @@ CELEBA_CROP_BOX = (25, 57, 153, 185)  # PIL (left, top, right, bottom): DDIM/U-V
 
 def _check_celeba(pil_image: Image.Image):
     if pil_image.size != CELEBA_ALIGNED_SIZE:
-        raise DataError(f"the CelebA crop expects the official aligned {CELEBA_ALIGNED_SIZE[0]}x{CELEBA_ALIGNED_SIZE[1]} "
-                        f"images (img_align_celeba), got {pil_image.size[0]}x{pil_image.size[1]}; for CelebA-HQ or "
+        raise DataError(f"the CelebA crop expects the official aligned "
+                        f"{CELEBA_ALIGNED_SIZE[0]}x{CELEBA_ALIGNED_SIZE[1]} images (img_align_celeba), got "
+                        f"{pil_image.size[0]}x{pil_image.size[1]}; for CelebA-HQ or "
                         f"other square faces use data.name=celeba-hq")
 
 def celeba_crop(pil_image: Image.Image, image_size: int = 64) -> np.ndarray:
@@ -471,7 +474,8 @@ def ffhq_resize(pil_image: Image.Image, image_size: int) -> np.ndarray:
 
 # %% ../nbs/api/02_data.ipynb #4eaebc6b
 CELEBA_SOURCE = ("CelebA: download img_align_celeba.zip from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html "
-                 "(Google Drive / Baidu links, non-commercial research licence) and unzip it; data.root=<img_align_celeba>")
+                 "(Google Drive / Baidu links, non-commercial research licence) and unzip it; "
+                 "data.root=<img_align_celeba>")
 CELEBA_HQ_SOURCE = ("CelebA-HQ: build it with https://github.com/tkarras/progressive_growing_of_gans (dataset_tool.py "
                     "create_celebahq) or use CelebAMask-HQ's CelebA-HQ-img (https://github.com/switchablenorms/"
                     "CelebAMask-HQ); data.root=<folder of the square images>")
@@ -595,8 +599,9 @@ def load_cifar10(*, root=None, split='train', download=False, max_images=None, s
     if src is None and download:
         src = download_file(CIFAR10_URL, base/CIFAR10_ARCHIVE, md5=CIFAR10_MD5)
     if src is None:
-        raise DataError(f"CIFAR-10 not found in {base}: expected {CIFAR10_ARCHIVE} or {CIFAR10_FOLDER}/ (data_batch_1..5, "
-                        f"test_batch, batches.meta). Download {CIFAR10_URL} (md5 {CIFAR10_MD5}) or pass "
+        raise DataError(f"CIFAR-10 not found in {base}: expected {CIFAR10_ARCHIVE} or {CIFAR10_FOLDER}/ "
+                        f"(data_batch_1..5, test_batch, batches.meta). Download {CIFAR10_URL} (md5 {CIFAR10_MD5}) "
+                        f"or pass "
                         f"download=True (data.download=true).")
     read = _cifar10_reader(src)
     meta = _str_keys(safe_unpickle(read('batches.meta'), what=f'{src}: batches.meta'), 'batches.meta')
@@ -637,8 +642,9 @@ def download_file(url: str, dest, *, md5: str | None = None, sha256: str | None 
         got = {k: h.hexdigest() for k, h in hashes.items()}
         bad = [k for k in want if got[k] != want[k]]
         if bad:
-            raise DataError(f"checksum mismatch for {url}: {', '.join(f'{k} {got[k]} (expected {want[k]})' for k in bad)}"
-                            f"; the downloaded file was deleted and {dest} was not written. Retry (a proxy or a cut "
+            shown = ', '.join(f'{k} {got[k]} (expected {want[k]})' for k in bad)
+            raise DataError(f"checksum mismatch for {url}: {shown}; the downloaded file was deleted and {dest} was "
+                            f"not written. Retry (a proxy or a cut "
                             f"connection can corrupt a transfer) or fetch it by hand and check its {bad[0]}.")
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
