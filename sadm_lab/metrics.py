@@ -611,6 +611,7 @@ def sampled_batches(sample_fn, num: int, *, batch_size: int = 256, progress: boo
 
 def _safe_name(s: str) -> str: return ''.join(c if c.isalnum() or c in '._-' else '_' for c in s)
 
+# %% ../nbs/api/07_metrics.ipynb #2f3076cc
 class FIDEvaluator:
     """FID of generated images against a fixed real reference set R, with the real-vs-real floor of the same
     protocol (see `fid_with_floor`). Built once: the real images are split, R's statistics computed once and cached
@@ -757,6 +758,7 @@ class FIDEvaluator:
                             f"{self.n}); got {m}")
         return self.score_batches(fake)
 
+# %% ../nbs/api/07_metrics.ipynb #afaaa069
 def fid_with_floor(real: torch.Tensor, fake: torch.Tensor, extractor: FeatureExtractor, *, n: int | None = None,
                    n_ref: int | None = None, seed: int = 0, batch_size: int | None = None, backend: str = 'auto',
                    progress: bool = False, cache=True, precision_recall: bool = False) -> dict:

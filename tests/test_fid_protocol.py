@@ -248,3 +248,16 @@ def test_malformed_reference_statistics_are_refused(tmp_path):
     with pytest.raises(DataError, match='holds 16-d'): FIDEvaluator.from_reference_stats(ok, CountingFeatures(d=8))
     with pytest.raises(DataError, match='are 16-d'):
         FIDEvaluator.from_reference_stats(load_reference_stats(ok, num_features=None), CountingFeatures(d=8))
+
+
+# ---- benchmark bookkeeping -----------------------------------------------------------------------------------------
+
+def test_fid_eval_time_benchmark_runs(tmp_path, capsys):
+    import importlib.util
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location('fid_eval_time', root / 'benchmarks' / 'fid_eval_time.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    (row,) = mod.main(['--n', '60', '--features', 'classifier', '--out', str(tmp_path / 'r.json')])
+    assert row['n'] == 60 and row['build_cached_s'] <= row['build_cold_s'] + 0.05 and row['extract_img_per_s'] > 0
+    assert json.loads((tmp_path / 'r.json').read_text())[0]['features'] == 'classifier'
+    assert '| classifier | 60 |' in capsys.readouterr().out
