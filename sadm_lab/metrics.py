@@ -17,12 +17,13 @@ from .core import (SadmError, DataError, ConfigError, CheckpointError, atomic_wr
                            torch_threads)
 
 # %% auto #0
-__all__ = ['FID_HELPER_PIN', 'INCEPTION_SHA1', 'FEATURE_NET_RECIPE', 'FEATURES', 'frechet_distance', 'FeatureStats',
-           'FeatureExtractor', 'check_images', 'extract_features', 'feature_stats', 'MissingDependencyError',
-           'inception_weights_path', 'tf_bilinear_resize', 'InceptionFeatures', 'FeatureCNN',
+__all__ = ['FID_HELPER_PIN', 'INCEPTION_SHA1', 'FEATURE_NET_RECIPE', 'FEATURES', 'FID_STATS_FORMAT', 'frechet_distance',
+           'FeatureStats', 'FeatureExtractor', 'check_images', 'stream_features', 'extract_features', 'feature_stats',
+           'MissingDependencyError', 'inception_weights_path', 'tf_bilinear_resize', 'InceptionFeatures', 'FeatureCNN',
            'train_feature_classifier', 'classifier_accuracy', 'feature_net_cache_dir', 'ClassifierFeatures',
-           'classifier_features', 'make_feature_extractor', 'split_real', 'FIDEvaluator', 'fid_with_floor',
-           'format_fid', 'nearest_neighbour_distances', 'memorization_report']
+           'classifier_features', 'make_feature_extractor', 'fid_stats_cache_dir', 'fid_protocol', 'fid_stats_key',
+           'ReferenceStats', 'load_reference_stats', 'knn_radii', 'precision_recall', 'split_real', 'sampled_batches',
+           'FIDEvaluator', 'fid_with_floor', 'format_fid', 'nearest_neighbour_distances', 'memorization_report']
 
 # %% ../nbs/api/07_metrics.ipynb #ca5c662e
 def _f64(x, name: str) -> torch.Tensor:
@@ -140,23 +141,38 @@ def check_images(images, what: str = 'images') -> torch.Tensor:
                             "[0, 255]: x / 127.5 - 1)")
     return images
 
+def _chunks(images, batch_size: int, what: str = 'images'):
+    "Chunks of at most `batch_size` images from a (N, C, H, W) tensor or an iterable of such batches, each checked."
+    if isinstance(images, torch.Tensor): images = (images,)
+    for b in images:
+        check_images(b, what)
+        for i in range(0, len(b), batch_size): yield b[i:i + batch_size]
+
 @torch.no_grad()
-def extract_features(extractor: nn.Module, images: torch.Tensor, *, batch_size: int = 256,
+def stream_features(extractor: nn.Module, images, *, batch_size: int = 256, total: int | None = None,
+                    progress: bool = False, desc: str = 'features'):
+    """Yield (B, D) float64 CPU features of `images`: a (N, C, H, W) tensor or any iterable of such batches (e.g. a
+    generator that samples them), re-chunked to `batch_size`; only one chunk is in memory at a time."""
+    if total is None and isinstance(images, torch.Tensor): total = len(images)
+    with tqdm(total=total, desc=desc, unit='img', disable=not progress, leave=False) as bar:
+        for x in _chunks(images, batch_size):
+            f = extractor(x).detach().to('cpu', torch.float64)
+            bar.update(len(x))
+            yield f
+
+def extract_features(extractor: nn.Module, images, *, batch_size: int = 256,
                      progress: bool = False, desc: str = 'features') -> torch.Tensor:
-    "Features of `images` in batches, as an (N, D) float64 CPU tensor."
-    check_images(images)
-    out = [extractor(images[i:i + batch_size]).detach().to('cpu', torch.float64)
-           for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False)]
+    "Features of `images` (a tensor or an iterable of batches) in batches, as an (N, D) float64 CPU tensor."
+    out = list(stream_features(extractor, images, batch_size=batch_size, progress=progress, desc=desc))
     return torch.cat(out) if out else torch.zeros(0, getattr(extractor, 'num_features', 0), dtype=torch.float64)
 
-def feature_stats(extractor: nn.Module, images: torch.Tensor, *, batch_size: int = 256,
+def feature_stats(extractor: nn.Module, images, *, batch_size: int = 256, total: int | None = None,
                   progress: bool = False, desc: str = 'features') -> FeatureStats:
-    "Streaming float64 feature statistics of `images` (features are not kept)."
-    check_images(images)
+    """Streaming float64 feature statistics (`.mean`, `.cov`, `.n`) of `images`: a tensor or an iterable of batches
+    (features are not kept, so memory does not grow with the number of images)."""
     st = FeatureStats()
-    with torch.no_grad():
-        for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
-            st.update(extractor(images[i:i + batch_size]))
+    for f in stream_features(extractor, images, batch_size=batch_size, total=total, progress=progress, desc=desc):
+        st.update(f)
     return st
 
 # %% ../nbs/api/07_metrics.ipynb #df17c943
@@ -426,6 +442,145 @@ def make_feature_extractor(kind: str = 'auto', *, images=None, labels=None, num_
                                    device=default(device, 'cpu'), **kwargs)
     raise ConfigError(f"unknown feature extractor {kind!r}: use 'auto' or one of {', '.join(FEATURES)}")
 
+# %% ../nbs/api/07_metrics.ipynb #c6633c93
+FID_STATS_FORMAT = 'sadm_lab-fid-stats-1'   # bump when the cached statistics change meaning: old files stop matching
+
+def fid_stats_cache_dir(cache_dir=None) -> Path:
+    """Folder of cached reference statistics: `cache_dir`, else `$SADM_LAB_CACHE/fid_stats`, else
+    `~/.cache/sadm_lab/fid_stats`."""
+    if exists(cache_dir): return Path(cache_dir).expanduser()
+    return feature_net_cache_dir().parent / 'fid_stats'
+
+def fid_protocol(real: torch.Tensor, extractor: FeatureExtractor, *, n: int, n_ref: int | None, seed: int) -> dict:
+    "What the reference statistics depend on, besides the pixels: feature network, sizes, split seed, image format."
+    return dict(format=FID_STATS_FORMAT, features=extractor.name, version=extractor.version,
+                extractor=type(extractor).__name__, num_features=extractor.num_features, n=n, n_ref=n_ref, seed=seed,
+                n_real=len(real), image_shape=list(real.shape[1:]), dtype=str(real.dtype).replace('torch.', ''))
+
+def fid_stats_key(real: torch.Tensor, protocol: dict) -> str:
+    "sha256 of the protocol and of the real images' bytes (hashed in chunks, never copied whole)."
+    h = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode())
+    for chunk in real.detach().split(4096):
+        h.update(chunk.to('cpu').contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+def _save_fid_stats(path, arrays: dict, protocol: dict, key: str) -> Path:
+    meta = np.array(json.dumps(dict(protocol, key=key), sort_keys=True))    # a str array: loads without pickle
+    def write(p):
+        with open(p, 'wb') as f: np.savez(f, protocol=meta, **arrays)
+    return atomic_write(path, write)
+
+def _load_fid_stats(path, key: str) -> dict:
+    "Arrays of a cached statistics file; a wrong key, shape or value raises CheckpointError (never wrong numbers)."
+    try:
+        with np.load(path, allow_pickle=False) as z: arrays = {k: z[k] for k in z.files}
+        info = json.loads(str(arrays.pop('protocol')))
+    except Exception as e:
+        raise CheckpointError(f"cannot read cached FID statistics {path}: {type(e).__name__}: {e}") from e
+    if info.get('key') != key: raise CheckpointError(f"cached FID statistics {path} belong to other images or protocol")
+    for pre in ('', 'floor_'):
+        if pre + 'mu' not in arrays: continue
+        mu, sigma = arrays[pre + 'mu'], arrays[pre + 'sigma']
+        d = info['num_features']
+        if mu.shape != (d,) or sigma.shape != (d, d) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise CheckpointError(f"cached FID statistics {path} are corrupt ({pre}mu {mu.shape}, sigma {sigma.shape})")
+    if 'mu' not in arrays: raise CheckpointError(f"cached FID statistics {path} have no mu")
+    return arrays
+
+# %% ../nbs/api/07_metrics.ipynb #4e52b068
+class ReferenceStats:
+    "Gaussian statistics of a reference set's features: `mu` (D,), `sigma` (D, D) float64, `n` (None if unknown)."
+    def __init__(self, mu, sigma, n: int | None = None, source: str | None = None):
+        self.mean, self.cov, self.n, self.source = _f64(mu, 'mu'), _f64(sigma, 'sigma'), n, source
+
+    @classmethod
+    def from_feature_stats(cls, st: FeatureStats, source: str | None = None) -> 'ReferenceStats':
+        return cls(st.mean, st.cov, st.n, source)
+
+    @property
+    def dim(self) -> int: return self.mean.shape[0]
+
+    def frechet_distance(self, other) -> float:
+        return frechet_distance(self.mean, self.cov, other.mean, other.cov)
+
+    def save(self, path) -> Path:
+        "Write `mu`, `sigma` (and `n`) as .npz, the format `load_reference_stats` and pytorch-fid/ADM read."
+        arrays = dict(mu=self.mean.numpy(), sigma=self.cov.numpy())
+        if self.n is not None: arrays['n'] = np.array(self.n)
+        def write(p):
+            with open(p, 'wb') as f: np.savez(f, **arrays)
+        return atomic_write(path, write)
+
+    def __repr__(self): return f"ReferenceStats(dim={self.dim}, n={self.n}, source={self.source!r})"
+
+def load_reference_stats(path, *, num_features: int | None = 2048) -> ReferenceStats:
+    """Published reference statistics: an .npz with `mu` (D,) and `sigma` (D, D), as written by the ADM / DiT
+    evaluation suite (`VIRTUAL_imagenet256_labeled.npz`: also `arr_0`, the images, which is not read),
+    pytorch-fid (`--save-stats`) or clean-fid. Pickled content is never loaded. `num_features`: the feature
+    network's dimension (2048 for the TF-FID Inception; None: any)."""
+    path = Path(path).expanduser()
+    if not path.is_file(): raise DataError(f"reference statistics {path} do not exist")
+    hint = "expected an .npz with 'mu' (D,) and 'sigma' (D, D) (ADM / pytorch-fid / clean-fid format)"
+    try: z = np.load(path, allow_pickle=False)
+    except Exception as e: raise DataError(f"cannot read {path} as .npz ({type(e).__name__}: {e}); {hint}") from e
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise DataError(f"{path} holds a single array, not an .npz archive; {hint}")
+    with z:
+        missing = [k for k in ('mu', 'sigma') if k not in z.files]
+        if missing: raise DataError(f"{path} has no {' or '.join(missing)} (keys: {sorted(z.files)}); {hint}")
+        try: mu, sigma = z['mu'], z['sigma']
+        except ValueError as e:
+            raise DataError(f"{path}: mu/sigma are stored as pickled objects, which are never loaded; {hint}") from e
+        n = int(z['n']) if 'n' in z.files and z['n'].shape == () else None
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise DataError(f"{path}: mu has shape {mu.shape} and sigma {sigma.shape}; {hint}")
+    if exists(num_features) and mu.shape[0] != num_features:
+        raise DataError(f"{path} holds {mu.shape[0]}-d statistics, but the feature network gives {num_features}-d "
+                        "features: they come from another network")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()): raise DataError(f"{path} contains NaN or inf values")
+    sigma = sigma.astype(np.float64)
+    if np.abs(sigma - sigma.T).max() > 1e-5 * max(np.abs(sigma).max(), 1e-12):
+        raise DataError(f"{path}: sigma is not symmetric, so it is not a covariance matrix")
+    return ReferenceStats(mu, (sigma + sigma.T) / 2, n, str(path))
+
+# %% ../nbs/api/07_metrics.ipynb #1a7086c8
+def _pairwise_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    "Euclidean distances (A, B) in float64 from ‖a‖² + ‖b‖² - 2ab (one matmul), round-off negatives clamped."
+    a, b = a.double(), b.double()
+    d2 = a.square().sum(1, keepdim=True) + b.square().sum(1)[None] - 2 * a @ b.T
+    return d2.clamp_(min=0).sqrt_()
+
+def knn_radii(feats: torch.Tensor, k: int = 3, *, batch_size: int = 1024) -> torch.Tensor:
+    "Distance from each feature vector to its k-th nearest neighbour in the same set (itself excluded), shape (N,)."
+    x = _f64(feats, 'features')
+    if x.ndim != 2: raise DataError(f"features must be (N, D), got shape {tuple(x.shape)}")
+    if not 1 <= k < len(x): raise DataError(f"k-NN radii need 1 <= k < number of feature vectors, got k={k}, "
+                                            f"N={len(x)}")
+    # the k+1-th smallest distance of each row: the point itself (distance 0) comes first
+    return torch.cat([_pairwise_dist(x[i:i + batch_size], x).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(x), batch_size)])
+
+def _coverage(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, batch_size: int) -> float:
+    "Fraction of `queries` inside at least one ball (centre, radius)."
+    inside = [(_pairwise_dist(queries[i:i + batch_size], centres) <= radii[None]).any(1)
+              for i in range(0, len(queries), batch_size)]
+    return float(torch.cat(inside).double().mean())
+
+def precision_recall(real_feats, fake_feats, *, k: int = 3, batch_size: int = 1024,
+                     real_radii: torch.Tensor | None = None) -> dict:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): the real manifold is the union of balls around each
+    real feature vector with radius its k-th nearest-neighbour distance, likewise the fake manifold;
+    precision = fraction of fake vectors inside the real manifold, recall = fraction of real vectors inside the
+    fake one. Distances in float64, `batch_size` rows at a time (memory batch_size × N)."""
+    real, fake = _f64(real_feats, 'real features'), _f64(fake_feats, 'fake features')
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise DataError(f"real and fake features must be (N, D) with the same D, got {tuple(real.shape)} and "
+                        f"{tuple(fake.shape)}")
+    r_real = knn_radii(real, k, batch_size=batch_size) if real_radii is None else real_radii.double()
+    r_fake = knn_radii(fake, k, batch_size=batch_size)
+    return dict(precision=_coverage(fake, real, r_real, batch_size), recall=_coverage(real, fake, r_fake, batch_size),
+                k=k)
+
 # %% ../nbs/api/07_metrics.ipynb #1a6a2414
 def split_real(n_real: int, n: int, *, seed: int = 0, n_ref: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     "Seeded disjoint split of `n_real` indices into (reference set R, floor set D of size `n`)."
@@ -442,78 +597,187 @@ def split_real(n_real: int, n: int, *, seed: int = 0, n_ref: int | None = None) 
                         "set)")
     return ref, perm[:n]
 
+def sampled_batches(sample_fn, num: int, *, batch_size: int = 256, progress: bool = False, desc: str = 'sampling'):
+    """Yield `num` generated images as batches `sample_fn(k, i)` (k ≤ batch_size images, i the batch index, e.g. to
+    seed it), with a progress bar: feed to `FIDEvaluator.score_batches` to score 50,000 samples in bounded memory."""
+    if num < 1: raise DataError(f"num must be >= 1, got {num}")
+    with tqdm(total=num, desc=desc, unit='img', disable=not progress, leave=False) as bar:
+        for i, start in enumerate(range(0, num, batch_size)):
+            k = min(batch_size, num - start)
+            x = sample_fn(k, i)
+            if len(x) != k: raise DataError(f"sample_fn({k}, {i}) returned {len(x)} images, not {k}")
+            bar.update(k)
+            yield x
+
+def _safe_name(s: str) -> str: return ''.join(c if c.isalnum() or c in '._-' else '_' for c in s)
+
+# %% ../nbs/api/07_metrics.ipynb #2f3076cc
 class FIDEvaluator:
     """FID of generated images against a fixed real reference set R, with the real-vs-real floor of the same
-    protocol (see `fid_with_floor`). Built once: the real images are split, R's statistics cached."""
+    protocol (see `fid_with_floor`). Built once: the real images are split, R's statistics computed once and cached
+    on disk (`cache`: True for `fid_stats_cache_dir()`, a folder, or False), keyed by the images and the protocol.
+    `precision_recall=True` adds improved precision/recall (k-NN balls, `k`) against R to every result."""
     def __init__(self, real: torch.Tensor, extractor: FeatureExtractor, *, n: int | None = None,
-                 n_ref: int | None = None,
-                 seed: int = 0, batch_size: int | None = None, backend: str = 'auto', progress: bool = False):
+                 n_ref: int | None = None, seed: int = 0, batch_size: int | None = None, backend: str = 'auto',
+                 progress: bool = False, cache=True, precision_recall: bool = False, k: int = 3):
         check_images(real, 'real images')
+        self._setup(extractor, backend, batch_size, progress, precision_recall, k)
+        self.n = default(n, len(real) // 2)
+        ref_idx, floor_idx = split_real(len(real), self.n, seed=seed, n_ref=n_ref)
+        self.seed, self.n_ref, self.floor_images, self.reference = seed, len(ref_idx), real[floor_idx], None
+        self.protocol = fid_protocol(real, extractor, n=self.n, n_ref=n_ref, seed=seed)
+        self.cache_path, self._key, arrays = None, None, {}
+        if cache is not False:
+            self._key = fid_stats_key(real, self.protocol)
+            self.cache_path = (fid_stats_cache_dir(None if cache is True else cache) /
+                               f"{_safe_name(extractor.name)}-{self._key[:20]}.npz")
+            if self.cache_path.exists():
+                try: arrays = _load_fid_stats(self.cache_path, self._key)
+                except CheckpointError as e: warnings.warn(f"{e}; recomputing it and replacing the file")
+        self._arrays = arrays
+        if 'mu' in arrays and (not self.pr or 'ref_features' in arrays):
+            self.ref_stats = ReferenceStats(arrays['mu'], arrays['sigma'], int(arrays['n']), str(self.cache_path))
+            self.ref_source = 'cache'
+        else:
+            st, feats = self._features(real[ref_idx], 'FID reference', keep=self.pr)
+            self.ref_stats, self.ref_source = ReferenceStats.from_feature_stats(st), 'computed'
+            arrays.update(mu=st.mean.numpy(), sigma=st.cov.numpy(), n=np.array(st.n))
+            if self.pr: arrays['ref_features'] = feats.float().numpy()
+            self._save()
+        self.ref_features = torch.from_numpy(arrays['ref_features']) if self.pr else None
+
+    def _setup(self, extractor, backend, batch_size, progress, precision_recall, k):
         if backend == 'auto': backend = 'torchmetrics' if isinstance(extractor, InceptionFeatures) else 'float64'
         if backend not in ('torchmetrics', 'float64'):
             raise ConfigError(f"unknown FID backend {backend!r}: 'auto', 'torchmetrics' or 'float64'")
-        self.n = default(n, len(real) // 2)
-        ref_idx, floor_idx = split_real(len(real), self.n, seed=seed, n_ref=n_ref)
-        self.extractor, self.backend, self.seed, self.progress = extractor, backend, seed, progress
+        self.extractor, self.backend, self.progress, self.pr, self.k = extractor, backend, progress, precision_recall, k
         self.batch_size = default(batch_size, 32 if isinstance(extractor, InceptionFeatures) else 256)
-        self.n_ref, self.floor_images, self._floors = len(ref_idx), real[floor_idx], {}
-        ref = real[ref_idx]
-        if backend == 'float64':
-            self.ref_stats = feature_stats(extractor, ref, batch_size=self.batch_size, progress=progress,
-                                           desc='FID reference')
-        else:
+        self._floors, self._ref_radii, self._tm = {}, None, None
+
+    @classmethod
+    def from_reference_stats(cls, stats, extractor: FeatureExtractor, *, batch_size: int | None = None,
+                             backend: str = 'float64', progress: bool = False) -> 'FIDEvaluator':
+        """Score against published statistics (a `ReferenceStats` or an .npz path, see `load_reference_stats`).
+        No real images, hence no real-vs-real floor (`floor` None, with `floor_note`) and no precision/recall."""
+        if not isinstance(stats, ReferenceStats):
+            stats = load_reference_stats(stats, num_features=extractor.num_features)
+        if stats.dim != extractor.num_features:
+            raise DataError(f"reference statistics are {stats.dim}-d but {extractor.tag} gives "
+                            f"{extractor.num_features}-d features")
+        if backend == 'torchmetrics' and stats.n is None:
+            raise ConfigError("the torchmetrics backend needs the reference sample size n, which these statistics "
+                              "lack: use backend='float64'")
+        self = cls.__new__(cls)
+        self._setup(extractor, backend, batch_size, progress, False, 3)
+        self.n, self.seed, self.n_ref, self.floor_images, self.reference = None, None, stats.n, None, stats.source
+        self.protocol, self.cache_path, self._key, self._arrays = None, None, None, {}
+        self.ref_stats, self.ref_source, self.ref_features = stats, 'published', None
+        return self
+
+    def _save(self):
+        "Write the cached arrays, merged with what another evaluator of the same key may have added meanwhile."
+        if self.cache_path is None: return
+        try: disk = _load_fid_stats(self.cache_path, self._key) if self.cache_path.exists() else {}
+        except CheckpointError: disk = {}
+        self._arrays.update({k: v for k, v in disk.items() if k not in self._arrays})
+        _save_fid_stats(self.cache_path, self._arrays, self.protocol, self._key)
+
+    def _features(self, images, desc, *, keep=False, total=None):
+        "(FeatureStats, features if `keep` else None) of a tensor or an iterable of batches, streamed."
+        st, kept = FeatureStats(), []
+        for f in stream_features(self.extractor, images, batch_size=self.batch_size, total=total,
+                                 progress=self.progress, desc=desc):
+            st.update(f)
+            if keep: kept.append(f)
+        return st, (torch.cat(kept) if kept else None) if keep else None
+
+    def _distance(self, st) -> float:
+        if self.backend == 'float64': return self.ref_stats.frechet_distance(st)
+        if self._tm is None:
             from torchmetrics.image.fid import FrechetInceptionDistance
-            # custom module: torchmetrics reads `num_features` instead of probing, and feeds our float images unchanged
-            self._tm = FrechetInceptionDistance(feature=extractor, reset_real_features=False,
-                                                normalize=True).to(extractor.device)
-            self._tm_update(ref, real=True, desc='FID reference')
-
-    def _tm_update(self, images, *, real, desc):
-        for i in tqdm(range(0, len(images), self.batch_size), desc=desc, disable=not self.progress, leave=False):
-            self._tm.update(images[i:i + self.batch_size].to(self.extractor.device), real=real)
-
-    def _distance(self, images, desc) -> float:
-        if self.backend == 'float64':
-            return feature_stats(self.extractor, images, batch_size=self.batch_size, progress=self.progress,
-                                 desc=desc).frechet_distance(self.ref_stats)
-        self._tm.reset()                                        # keeps R (reset_real_features=False)
-        with torch.no_grad(): self._tm_update(images, real=False, desc=desc)
-        d = float(self._tm.compute()); self._tm.reset()
+            # custom module: torchmetrics reads `num_features` instead of probing it; only its states are used here
+            self._tm = FrechetInceptionDistance(feature=self.extractor, normalize=True)
+        tm = self._tm
+        tm.reset()                                              # also drops torchmetrics' memoised last result
+        for side, s in (('real', self.ref_stats), ('fake', st)):   # Σx, Σxxᵀ, n as tm.update would sum them
+            mu = s.mean.double()
+            setattr(tm, f'{side}_features_sum', mu * s.n)
+            setattr(tm, f'{side}_features_cov_sum', s.cov.double() * (s.n - 1) + s.n * torch.outer(mu, mu))
+            setattr(tm, f'{side}_features_num_samples', torch.tensor(s.n))
+        tm.orig_dtype = torch.float64
+        with warnings.catch_warnings():                         # "compute called before update": states set above
+            warnings.filterwarnings('ignore', message='.*before the ``update``')
+            d = float(tm.compute())
+        tm.reset()
         return d
 
-    def floor(self, m: int | None = None) -> float:
-        "Real-vs-real floor for `m` (default n) images: FID(first m of D, R); memoised."
+    def floor(self, m: int | None = None) -> float | None:
+        "Real-vs-real floor for `m` (default n) images: FID(first m of D, R); memoised (and cached on disk for m=n)."
+        if self.floor_images is None: return None
         m = default(m, self.n)
-        if m not in self._floors: self._floors[m] = self._distance(self.floor_images[:m], 'FID floor')
+        if m in self._floors: return self._floors[m]
+        a = self._arrays
+        if m == self.n and 'floor_mu' in a:
+            st = ReferenceStats(a['floor_mu'], a['floor_sigma'], int(a['floor_n']))
+        else:
+            st, _ = self._features(self.floor_images[:m], 'FID floor')
+            if m == self.n:
+                a.update(floor_mu=st.mean.numpy(), floor_sigma=st.cov.numpy(), floor_n=np.array(st.n))
+                self._save()
+        self._floors[m] = self._distance(st)
         return self._floors[m]
+
+    def _radii(self):
+        if self._ref_radii is None: self._ref_radii = knn_radii(self.ref_features, self.k)
+        return self._ref_radii
+
+    def score_batches(self, batches, *, total: int | None = None) -> dict:
+        """FID of generated images given as a tensor or any iterable of batches (e.g. `sampled_batches`), streamed:
+        features are reduced to float64 running statistics batch by batch (kept only for precision/recall).
+        The floor is reported for up to n images; beyond that (or with published statistics) `floor` is None and
+        `floor_note` says why."""
+        st, feats = self._features(batches, 'FID generated', keep=self.pr, total=total)
+        if st.n < 2: raise DataError(f"FID needs at least 2 generated images, got {st.n}")
+        res = dict(fid=self._distance(st), floor=None, n_fake=st.n, n_ref=self.n_ref, features=self.extractor.name,
+                   version=self.extractor.version, seed=self.seed)
+        if self.floor_images is None:
+            res.update(floor_note='published reference statistics: no real images, so no real-vs-real floor',
+                       reference=self.reference)
+        elif st.n > self.n:
+            res['floor_note'] = f"{st.n} generated images but the floor set holds {self.n}: no floor at this size"
+        else: res['floor'] = self.floor(st.n)
+        if self.pr: res.update(precision_recall(self.ref_features, feats, k=self.k, real_radii=self._radii()))
+        return res
 
     def __call__(self, fake: torch.Tensor) -> dict:
         "FID of `fake` (2 <= len <= n images in [-1, 1]) against R, with the floor for the same number of images."
         check_images(fake, 'generated images')
         m = len(fake)
-        if not 2 <= m <= self.n:
+        if m < 2 or (self.n is not None and m > self.n):
             raise DataError(f"this FIDEvaluator compares 2..{self.n} generated images (its real-vs-real floor set has "
                             f"{self.n}); got {m}")
-        fid = self._distance(fake, 'FID generated')
-        return dict(fid=fid, floor=self.floor(m), n_fake=m, n_ref=self.n_ref,
-                    features=self.extractor.name, version=self.extractor.version, seed=self.seed)
+        return self.score_batches(fake)
 
+# %% ../nbs/api/07_metrics.ipynb #afaaa069
 def fid_with_floor(real: torch.Tensor, fake: torch.Tensor, extractor: FeatureExtractor, *, n: int | None = None,
                    n_ref: int | None = None, seed: int = 0, batch_size: int | None = None, backend: str = 'auto',
-                   progress: bool = False) -> dict:
+                   progress: bool = False, cache=True, precision_recall: bool = False) -> dict:
     """FID of `fake` against a seeded reference split of `real`, with the real-vs-real floor of the same protocol.
     n (default min(len(fake), len(real) // 2)) images of each set are compared; returns
-    dict(fid, floor, n_fake, n_ref, features, version, seed)."""
+    dict(fid, floor, n_fake, n_ref, features, version, seed) (+ precision, recall, k)."""
     n = default(n, min(len(fake), len(real) // 2))
     if n > len(fake): raise DataError(f"n={n} but only {len(fake)} generated images were given")
     return FIDEvaluator(real, extractor, n=n, n_ref=n_ref, seed=seed, batch_size=batch_size, backend=backend,
-                        progress=progress)(fake[:n])
+                        progress=progress, cache=cache, precision_recall=precision_recall)(fake[:n])
 
 def format_fid(result: dict) -> str:
     "One-line report: 'FID 12.34 (real-vs-real floor 1.23; 900 vs 897 images; digits-cnn-v1:abcd1234)'."
-    return (f"FID {result['fid']:.2f} (real-vs-real floor {result['floor']:.2f}; {result['n_fake']} vs "
-            f"{result['n_ref']} images; "
-            f"{result['features']}:{result['version']})")
+    floor = ('no real-vs-real floor' if result.get('floor') is None else
+             f"real-vs-real floor {result['floor']:.2f}")
+    pr = (f"; precision {result['precision']:.3f}, recall {result['recall']:.3f} (k={result['k']})"
+          if 'precision' in result else '')
+    return (f"FID {result['fid']:.2f} ({floor}; {result['n_fake']} vs {default(result.get('n_ref'), '?')} images; "
+            f"{result['features']}:{result['version']}{pr})")
 
 # %% ../nbs/api/07_metrics.ipynb #2994f04e
 def nearest_neighbour_distances(queries: torch.Tensor, refs: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:

@@ -157,7 +157,7 @@ def test_overrides_work_for_every_dataset(name, tmp_path):
 
 # ---------------------------------------------------------------- errors from arguments
 def test_unknown_dataset_and_bad_arguments():
-    with pytest.raises(ConfigError) as e: load_data('imagenet')
+    with pytest.raises(ConfigError) as e: load_data('no-such-dataset')
     for n in DATASETS: assert n in str(e.value)
     assert set(DATASETS) >= {'digits', 'fashion-mnist', 'emoji', 'folder'}
     assert len(load_data('DIGITS')) == len(load_data('digits'))                  # names are case-insensitive
