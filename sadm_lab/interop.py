@@ -435,6 +435,7 @@ def read_diffusers_config(source) -> tuple[Path, dict]:
               time_freq_shift=info.get('time_freq_shift', 1))
     return folder, kw
 
+# %% ../nbs/api/14_interop.ipynb #3757b291
 def diffusers_weights_for(model, sd: dict, *, source='diffusers folder') -> dict:
     "A diffusers DiT state dict in `model`'s keys: shared embedders checked, the label table cut to `model`'s rows."
     out = from_diffusers_state_dict(sd, model.depth, model.input_size // model.patch_size)
