@@ -227,7 +227,7 @@ def _sections(cfg: RunConfig):
 def _cross_key_problems(cfg: RunConfig):
     "Rules that tie keys together (messages)."
     tc, mc, sd, m = cfg.train, cfg.mask, cfg.sadm, cfg.model
-    if tc.batch_size % tc.grad_accum:
+    if tc.grad_accum > 0 and tc.batch_size % tc.grad_accum:            # (a grad_accum <= 0 is a range error)
         yield f"train.batch_size={tc.batch_size} must be divisible by train.grad_accum={tc.grad_accum}"
     if cfg.sample.steps > cfg.diffusion.timesteps:
         yield f"sample.steps={cfg.sample.steps} cannot exceed diffusion.timesteps={cfg.diffusion.timesteps}"
