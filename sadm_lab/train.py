@@ -1135,10 +1135,11 @@ def load_run(run_dir, *, checkpoint=None, weights: str = 'ema', device='cpu'):
     run = RunDir(run_dir)
     if not run.config_path.is_file(): raise SadmError(f"{run.path} is not a sadm_lab run folder (no config.json)")
     cfg = load_config(run.config_path)
-    if checkpoint:
+    if checkpoint:                                       # a file named by the user: its checksum, when it has one
         path = Path(checkpoint)
-        why = run.checkpoint_problem(path)
-        if why: raise CheckpointError(f"{path}: {why}")
+        side = run.checksum_path(path)
+        if path.is_file() and side.is_file() and file_sha256(path) != (side.read_text().split() or [''])[0]:
+            raise CheckpointError(f"{path}: its sha256 does not match {side.name} (corrupt or truncated)")
     else:                                                # the newest checkpoint whose checksum holds
         path, problems = run.resume_checkpoint()
         for bad, why in problems: print(f"sadm_lab: skipping {bad.name}: {why}", file=sys.stderr)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sadm_lab.config import get_config
-from sadm_lab.core import CheckpointError, ConfigError, SadmError, atomic_torch_save, safe_torch_load
+from sadm_lab.core import CheckpointError, ConfigError, SadmError, atomic_torch_save, file_sha256, safe_torch_load
 from sadm_lab.diffusion import space_timesteps
 from sadm_lab.interop import (diffusers_overrides, diffusers_scheduler_config, export_diffusers, export_safetensors,
                               load_diffusers_dit, load_safetensors_model, read_safetensors, sample_with_diffusers)
@@ -35,6 +35,7 @@ def make_run(path, *overrides, steps=2, randomize=True):
         if ck.get('ema') is not None:
             ck['ema'] = {k: (rnd[k[len('model.'):]] if k.startswith('model.') else v) for k, v in ck['ema'].items()}
         atomic_torch_save(ck, ck_path)
+        RunDir(path).checksum_path(ck_path).write_text(file_sha256(ck_path) + '\n')   # (as the trainer writes it)
     return path
 
 
