@@ -81,6 +81,10 @@ def run_arm(arm, seed, plan, a, out):
     base = [f'train.seed={seed}', *plan['common'], *plan['target']]
     mask = [f'mask.strategy={a.strategy}', f'mask.ratio={a.ratio}', f'mask.block_size={a.block_size}']
     name = f'{arm}-s{seed}'
+    if arm == 'scratch' and a.scratch_runs:     # a longer from-scratch run of the same preset and seed (ruler.py):
+        want = get_config(a.base, [f'name={name}', *base, f'train.steps={S}'])
+        r = read_scratch(Path(a.scratch_runs) / f'scratch-s{seed}', S, want)   # its step-S eval is budget S
+        return r | {'points': [(e['step'], e['train_s'], e) for e in r['evals']], 'updates': S}
     if arm == 'scratch':
         r = fit_run(get_config(a.base, [f'name={name}', *base, f'train.steps={S}', f'train.eval_every={max(1, S // a.evals)}']),
                     out / name, progress=a.progress)
@@ -115,6 +119,27 @@ def run_arm(arm, seed, plan, a, out):
                  'resumed': pre['resumed'] or ft['resumed']}
 
 
+def read_scratch(run: Path, S: int, want) -> dict:
+    """The from-scratch arm read from a finished run that went at least to step S: its evals up to S with their
+    training time. The run must have the config `want` but for its length and bookkeeping (checked: evaluation and
+    sampling settings included) and a constant learning rate after warm-up, so that its first S steps are the
+    S-step run."""
+    from sadm_lab.config import config_diff, load_config
+    from sadm_lab.train import RunDir, training_clock
+    cfg = load_config(run / 'config.json')
+    if d := config_diff(want, cfg, ignore={'name', 'train.steps', 'train.eval_every', 'train.ckpt_every',
+                                           'train.keep_checkpoints', 'train.sample_every', 'train.log_every',
+                                           'train.device'}):
+        raise SystemExit(f'{run} is not this comparison\'s from-scratch run: {d}')
+    if cfg.train.lr_schedule != 'constant':
+        raise SystemExit(f'{run}: lr_schedule={cfg.train.lr_schedule!r}; only a constant schedule makes its first '
+                         f'{S} steps an {S}-step run')
+    clock = [(r, t) for r, t in training_clock(RunDir(run).read_metrics()) if r.get('kind') == 'eval' and r['step'] <= S]
+    if not clock or clock[-1][0]['step'] != S: raise SystemExit(f'{run} has no evaluation at step {S}')
+    return {'run': str(run), 'evals': [dict(r, train_s=t) for r, t in clock], 'train_s': clock[-1][1],
+            'resumed': False, 'config': cfg}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog='\n'.join(__doc__.split('\n')[1:]))
@@ -134,6 +159,8 @@ def main(argv=None):
     p.add_argument('--source-root', help='transfer: folder of the source data (default: the loader\'s own search)')
     p.add_argument('--evals', type=int, default=4, help='FID points per run on the target')
     p.add_argument('--eval-samples', type=int, default=400)
+    p.add_argument('--scratch-runs', help='the from-scratch arm from these finished runs (`ruler.py --out`: '
+                                          'scratch-s<seed>, same preset and overrides, constant lr) instead of training it')
     p.add_argument('--out', default='runs/equal-compute')
     p.add_argument('--progress', action='store_true')
     p.add_argument('overrides', nargs='*', help='extra key=value for every run')
@@ -153,7 +180,7 @@ def main(argv=None):
     c_flops, n_vis, n_tok = masked_flops_ratio(probe, a)
     # a re-run into the same --out reuses the measured step costs, so finished runs are reused and interrupted ones
     # resume (the runs' configs depend on them); other settings need another --out
-    key = {k: v for k, v in vars(a).items() if k not in ('seeds', 'arms', 'progress', 'out')}
+    key = {k: v for k, v in vars(a).items() if k not in ('seeds', 'arms', 'progress', 'out', 'scratch_runs')}
     saved = json.loads((out / 'plan.json').read_text()) if (out / 'plan.json').is_file() else None
     if saved is not None and saved['settings'] != key:
         diff = ', '.join(f'{k}: {saved["settings"].get(k)!r} -> {v!r}' for k, v in key.items() if saved['settings'].get(k) != v)

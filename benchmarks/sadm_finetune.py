@@ -3,7 +3,8 @@
 fine-tuning from the same checkpoint, at equal steps and at equal wall-clock, over several seeds, plus the ablations
 a researcher asks for first.
 
-One plain run of `--base` for `--base-steps` steps (seed 0) is the pretrained model. Every arm fine-tunes its EMA
+One plain run of `--base` for `--base-steps` steps (seed 0), or the finished run `--base-run`, is the pretrained
+model. Every arm fine-tunes its EMA
 weights for S = `--steps` steps (fresh AdamW and EMA, `--warmup` warm-up steps) with seed-dependent data order, noise
 and encoder initialisation:
   plain            S steps of denoising training (sadm.enabled=false);
@@ -99,6 +100,7 @@ def main(argv=None):
                                 epilog='\n'.join(__doc__.split('\n')[1:]))
     p.add_argument('--base', default='digits-dit', help='preset of the base run and of every fine-tuning')
     p.add_argument('--base-steps', type=int, default=600)
+    p.add_argument('--base-run', help='fine-tune this finished run (same preset) instead of training a base run')
     p.add_argument('--steps', type=int, default=400, help='fine-tuning steps S')
     p.add_argument('--warmup', type=int, default=25)
     p.add_argument('--lam', type=float, default=None, help="λ of the sadm arm (default: the config's sadm.weight)")
@@ -133,8 +135,15 @@ def main(argv=None):
     if saved is not None and saved['settings'] != key:
         diff = ', '.join(f'{k}: {saved["settings"].get(k)!r} -> {v!r}' for k, v in key.items() if saved['settings'].get(k) != v)
         p.error(f'{out} holds a comparison with other settings ({diff}); use another --out')
-    base = fit_run(get_config(a.base, ['name=base', *common, 'train.seed=0', f'train.steps={a.base_steps}',
-                                       f'train.eval_every={a.base_steps}']), out / 'base', progress=a.progress)
+    if a.base_run:                  # a finished run (e.g. ruler.py's scratch-s0): its last checkpoint and evaluation
+        recs = RunDir(a.base_run).read_metrics()
+        evals = [r for r in recs if r.get('kind') == 'eval']
+        if not evals or not any(r.get('event') == 'end' for r in recs):
+            p.error(f'--base-run {a.base_run}: not a finished run with an evaluation')
+        base, a.base_steps = {'run': str(Path(a.base_run).resolve()), 'evals': evals}, evals[-1]['step']
+    else:
+        base = fit_run(get_config(a.base, ['name=base', *common, 'train.seed=0', f'train.steps={a.base_steps}',
+                                           f'train.eval_every={a.base_steps}']), out / 'base', progress=a.progress)
     print(f"base: {a.base_steps} plain steps, FID {base['evals'][-1]['fid']:.2f} (floor {base['evals'][-1]['fid_floor']:.2f})", flush=True)
     if saved is None:
         if a.jobs > 1:                               # time the steps as the runs will take them: one thread each

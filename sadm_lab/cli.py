@@ -149,7 +149,7 @@ def _labels(text, n, num_classes):
 
 def cmd_sample(a) -> int:
     import torch
-    from sadm_lab.train import load_run, latent_sampling
+    from sadm_lab.train import load_run, latent_sampling, sampling_precision
     from sadm_lab.sample import generate
     from sadm_lab.viz import save_image_grid
     dev = get_device(a.device)
@@ -159,9 +159,10 @@ def cmd_sample(a) -> int:
     else: sampler, steps, eta = a.sampler, a.steps or CONVENTIONS[conv]['steps'], None   # the convention's
     y = _labels(a.labels, a.n, model.num_classes)
     g = torch.Generator(device=dev).manual_seed(a.seed)
-    imgs = generate(model, diffusion, a.n, sampler=sampler, steps=steps, eta=eta if a.eta is None else a.eta,
-                    cfg_scale=sc.cfg_scale if a.cfg_scale is None else a.cfg_scale, y=y, generator=g, device=dev,
-                    batch_size=sc.batch_size, convention=conv, **latent_sampling(model.latent_codec))
+    with sampling_precision(sc.precision, dev):
+        imgs = generate(model, diffusion, a.n, sampler=sampler, steps=steps, eta=eta if a.eta is None else a.eta,
+                        cfg_scale=sc.cfg_scale if a.cfg_scale is None else a.cfg_scale, y=y, generator=g, device=dev,
+                        batch_size=sc.batch_size, convention=conv, **latent_sampling(model.latent_codec))
     if model.latent_codec is not None: imgs = model.latent_codec.decode(imgs)      # a latent run: decode
     name = f'cli-{sampler}-{steps}.png' if conv == 'sadm_lab' else f'cli-{conv}-{steps}.png'
     out = Path(a.out or Path(a.run_dir) / 'samples' / name)
@@ -175,18 +176,22 @@ def cmd_sample(a) -> int:
 
 def cmd_eval(a) -> int:
     import torch
-    from sadm_lab.train import load_run, make_evaluator, build_reference_data, latent_sampling
+    from sadm_lab.train import load_run, make_evaluator, build_reference_data, latent_sampling, sampling_precision
     from sadm_lab.sample import generate
     dev = get_device(a.device)
     model, diffusion, cfg, data = load_run(a.run_dir, checkpoint=a.checkpoint, device=dev)
     n = a.n or cfg.eval.num_samples
     ref = build_reference_data(cfg) if cfg.data.max_images is not None else data   # as during training
-    ev = make_evaluator(ref, features=a.features or cfg.eval.features, n=n, device=dev)
+    ec = cfg.eval
+    ev = make_evaluator(ref, features=a.features or ec.features, n=n, device=dev,
+                        reference=build_reference_data(cfg, split='test') if ec.reference == 'test' else None,
+                        precision_recall=ec.precision_recall, reference_stats=ec.reference_stats)
     g = torch.Generator(device=dev).manual_seed(a.seed)
     sc = cfg.sample
-    fake = generate(model, diffusion, n, sampler=a.sampler or sc.sampler, steps=a.steps or sc.steps, eta=sc.eta,
-                    cfg_scale=sc.cfg_scale, generator=g, device=dev, batch_size=sc.batch_size,
-                    **latent_sampling(model.latent_codec))
+    with sampling_precision(sc.precision, dev):
+        fake = generate(model, diffusion, n, sampler=a.sampler or sc.sampler, steps=a.steps or sc.steps, eta=sc.eta,
+                        cfg_scale=sc.cfg_scale, generator=g, device=dev, batch_size=sc.batch_size,
+                        **latent_sampling(model.latent_codec))
     if model.latent_codec is not None: fake = model.latent_codec.decode(fake)      # FID compares images
     res = ev(fake)
     if a.json: print(json.dumps(res))

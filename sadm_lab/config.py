@@ -15,7 +15,7 @@ from .diffusion import SCHEDULES, PREDICTIONS, LOSS_WEIGHTINGS
 from .masking import STRATEGIES, ANNEALS
 from .models.layers import SDPA_BACKENDS
 from .latent import LATENT_MODES
-from .metrics import FEATURES
+from .metrics import FEATURES, REFERENCES
 from .objectives import LR_SCHEDULES
 from .sample import SAMPLERS
 from .structure import AFFINITIES, OMEGAS, P_NORMS, VARIANTS
@@ -162,12 +162,16 @@ class SampleConfig:
     cfg_scale: float = 1.0               # classifier-free guidance scale (1 = off)
     grid_size: int = 64                  # images in a sample grid
     batch_size: int = 256                # images per sampling batch
+    precision: str = 'fp32'              # the network while sampling (grids, FID, sadm-lab sample): fp32, bf16, fp16
 
 @dataclass
 class EvalConfig:
     enabled: bool = True                 # compute FID at eval points
     features: str = 'classifier'         # 'classifier' (small CNN trained on the dataset) or 'inception'
-    num_samples: int = 800               # generated images per FID (at most half the training images)
+    num_samples: int = 800               # generated images per FID (at most half the reference images)
+    reference: str = 'train'             # FID's real images: the whole 'train' split or the dataset's 'test' split
+    precision_recall: bool = False       # also improved precision/recall (k = 3) against the reference images
+    reference_stats: Optional[str] = None  # published .npz statistics (mu, sigma) to score against (no floor)
     use_ema: bool = True                 # evaluate the EMA weights
 
 @dataclass
@@ -197,7 +201,7 @@ CHOICES = {
     'train.init_weights': WEIGHTS, 'train.precision': PRECISIONS, 'train.lr_schedule': LR_SCHEDULES,
     'train.sdpa_backend': SDPA_BACKENDS, 'data.latent_mode': LATENT_MODES,
     'train.log_with': TRACKERS, 'model.time_freq_shift': (0, 1),
-    'sample.sampler': tuple(SAMPLERS), 'eval.features': FEATURES,
+    'sample.sampler': tuple(SAMPLERS), 'sample.precision': PRECISIONS, 'eval.features': FEATURES, 'eval.reference': REFERENCES,
     'sadm.omega': OMEGAS, 'sadm.affinity': AFFINITIES, 'sadm.p': P_NORMS, 'sadm.variant': VARIANTS,
     'sadm.outside_encoder': OUTSIDE_ENCODERS,
 }
@@ -423,6 +427,22 @@ PRESETS: dict[str, dict] = {
     'fashion-dit': {  # Fashion-MNIST at 28x28 (Debian dataset-fashion-mnist or torchvision); a GPU is advisable
         'name': 'fashion-dit', 'data.name': 'fashion-mnist', 'model.preset': 'DiT-S/4', 'train.steps': 20000,
         'train.lr': 3e-4, 'train.ckpt_every': 2000, 'train.sample_every': 2000, 'train.eval_every': 5000},
+    'fashion16-dit': {  # the CPU ruler (benchmarks/ruler.py): Fashion-MNIST 16x16, 16 tokens, FID-5k vs the test split
+        'name': 'fashion16-dit', 'data.name': 'fashion-mnist', 'data.resolution': 16, 'model.preset': 'DiT-T/4',
+        'train.steps': 1600, 'train.lr': 1e-3, 'train.ema_decay': 0.995, 'train.precision': 'bf16',
+        'train.ckpt_every': 400, 'train.sample_every': 0, 'train.eval_every': 400, 'sample.sampler': 'dpmpp_2m',
+        'sample.steps': 20, 'sample.precision': 'bf16', 'sample.grid_size': 100, 'eval.reference': 'test',
+        'eval.num_samples': 5000},
+    'cifar10-dit': {  # the papers' scale on a GPU: CIFAR-10 32x32 (data.root = the python archive's folder)
+        'name': 'cifar10-dit', 'data.name': 'cifar10', 'model.preset': 'DiT-S/2', 'train.steps': 100000,
+        'train.lr': 2e-4, 'train.batch_size': 128, 'train.ema_decay': 0.9999, 'train.precision': 'bf16',
+        'train.ckpt_every': 5000, 'train.sample_every': 5000, 'train.eval_every': 25000, 'sample.sampler': 'dpmpp_2m',
+        'sample.steps': 20, 'eval.features': 'inception', 'eval.reference': 'test', 'eval.num_samples': 5000},
+    'celeba64-dit': {  # the papers' scale on a GPU: CelebA 64x64 with the DDIM / U-ViT crop (data.root = the folder)
+        'name': 'celeba64-dit', 'data.name': 'celeba', 'data.resolution': 64, 'model.preset': 'DiT-S/4',
+        'train.steps': 100000, 'train.lr': 2e-4, 'train.batch_size': 128, 'train.ema_decay': 0.9999,
+        'train.precision': 'bf16', 'train.ckpt_every': 5000, 'train.sample_every': 5000, 'train.eval_every': 25000,
+        'sample.sampler': 'dpmpp_2m', 'sample.steps': 20, 'eval.features': 'inception', 'eval.num_samples': 5000},
     'emoji-dit': {  # twemoji colour images at 32x32 (pip install sadm-lab[emoji]); a GPU is advisable
         'name': 'emoji-dit', 'data.name': 'emoji', 'data.resolution': 32, 'model.preset': 'DiT-S/4',
         'train.steps': 20000, 'train.lr': 3e-4, 'eval.features': 'inception', 'train.ckpt_every': 2000,
@@ -444,8 +464,9 @@ RESUMABLE = {'name', 'train.steps', 'train.log_every', 'train.ckpt_every', 'trai
              'train.sample_every', 'train.eval_every', 'train.device', 'train.compile',
              'train.grad_checkpointing', 'train.fused_adamw', 'train.sdpa_backend', 'data.latent_cache',
              'sample.sampler', 'sample.steps', 'sample.eta', 'sample.cfg_scale', 'sample.grid_size',
-             'sample.batch_size',
-             'eval.enabled', 'eval.features', 'eval.num_samples', 'eval.use_ema'}
+             'sample.batch_size', 'sample.precision',
+             'eval.enabled', 'eval.features', 'eval.num_samples', 'eval.use_ema', 'eval.reference',
+             'eval.precision_recall', 'eval.reference_stats'}
 
 def config_diff(a: RunConfig, b: RunConfig, ignore=()) -> dict:
     "Dotted keys whose values differ: key -> (a_value, b_value)."

@@ -17,13 +17,14 @@ from .core import (SadmError, DataError, ConfigError, CheckpointError, atomic_wr
                            torch_threads)
 
 # %% auto #0
-__all__ = ['FID_HELPER_PIN', 'INCEPTION_SHA1', 'FEATURE_NET_RECIPE', 'FEATURES', 'FID_STATS_FORMAT', 'frechet_distance',
-           'FeatureStats', 'FeatureExtractor', 'check_images', 'stream_features', 'extract_features', 'feature_stats',
-           'MissingDependencyError', 'inception_weights_path', 'tf_bilinear_resize', 'InceptionFeatures', 'FeatureCNN',
-           'train_feature_classifier', 'classifier_accuracy', 'feature_net_cache_dir', 'ClassifierFeatures',
-           'classifier_features', 'make_feature_extractor', 'fid_stats_cache_dir', 'fid_protocol', 'fid_stats_key',
-           'ReferenceStats', 'load_reference_stats', 'knn_radii', 'precision_recall', 'split_real', 'sampled_batches',
-           'FIDEvaluator', 'fid_with_floor', 'format_fid', 'nearest_neighbour_distances', 'memorization_report']
+__all__ = ['FID_HELPER_PIN', 'INCEPTION_SHA1', 'FEATURE_NET_RECIPE', 'FEATURES', 'REFERENCES', 'FID_STATS_FORMAT',
+           'frechet_distance', 'FeatureStats', 'FeatureExtractor', 'check_images', 'stream_features',
+           'extract_features', 'feature_stats', 'MissingDependencyError', 'inception_weights_path',
+           'tf_bilinear_resize', 'InceptionFeatures', 'FeatureCNN', 'train_feature_classifier', 'classifier_accuracy',
+           'feature_net_cache_dir', 'ClassifierFeatures', 'classifier_features', 'make_feature_extractor',
+           'fid_stats_cache_dir', 'fid_protocol', 'fid_stats_key', 'ReferenceStats', 'load_reference_stats',
+           'knn_radii', 'precision_recall', 'split_real', 'sampled_batches', 'FIDEvaluator', 'fid_with_floor',
+           'format_fid', 'nearest_neighbour_distances', 'memorization_report']
 
 # %% ../nbs/api/07_metrics.ipynb #ca5c662e
 def _f64(x, name: str) -> torch.Tensor:
@@ -429,6 +430,7 @@ def classifier_features(images: torch.Tensor, labels: torch.Tensor | None, num_c
 
 # %% ../nbs/api/07_metrics.ipynb #4c3383ec
 FEATURES = ('classifier', 'inception')        # the FID feature networks (`eval.features`)
+REFERENCES = ('train', 'test')                # FID's real images: a dataset split (`eval.reference`)
 
 def make_feature_extractor(kind: str = 'auto', *, images=None, labels=None, num_classes: int = 0,
                            dataset: str | None = None,

