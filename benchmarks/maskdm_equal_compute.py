@@ -18,14 +18,17 @@ Settings and their arms (every arm of a seed starts from the same seeded initial
       small-batch        the control for "more, cheaper updates": P unmasked steps with batch c * B (as many tokens
                          per step as a masked step of batch B), then the same F unmasked fine-tuning steps.
   --setting transfer  MaskDM's small-data case: the target is `--target-images` images of the base data (default 300)
-                      and `--source` (default fashion-mnist, resized to the target's resolution) is a larger dataset:
+                      and `--source` (default fashion-mnist, resized to the target's resolution) is a larger dataset,
+                      or, with `--source-classes` / `--target-classes`, other classes of the same dataset
+                      (`data.classes`: pre-train on classes 0-4, fine-tune on a few hundred images of 5-9):
       scratch            S unmasked steps on the target;
       maskdm             two stages, both on the target;
       transfer           P masked steps on the source, then F unmasked steps on the target (`train.init_from`);
       transfer-unmasked  the control: frac * S unmasked steps on the source, then F on the target. Transfer beating
                          this control is evidence for masking; beating only scratch could be the extra data alone.
-FID (classifier features, 400 samples against the whole training split of the target dataset, with its
-real-vs-real floor) is measured at `--evals` points of every run on the target, and the memorisation check
+FID (classifier features, `--eval-samples` samples against the whole target dataset's split that the preset's
+`eval.reference` names, only its `--target-classes` when given, with the real-vs-real floor of the same protocol)
+is measured at `--evals` points of every run on the target (`--evals 1`: at its end only), and the memorisation check
 (nearest-training-image distance ratio) beside it. Written to `--out`: summary.json, summary.md (table of the final
 FID, mean ± std over seeds), fid_vs_flops.png and fid_vs_time.png (training time, evaluations excluded).
 Running the same command again reuses the finished runs in `--out` and resumes interrupted ones (the measured step
@@ -35,6 +38,13 @@ Results are what they are: the script makes no claim either way.
     python benchmarks/maskdm_equal_compute.py                                   # digits, 3 seeds, ~15 min (2 cores)
     python benchmarks/maskdm_equal_compute.py --setting transfer                # needs Fashion-MNIST on disk
     python benchmarks/maskdm_equal_compute.py --steps 1000 --match time --ratio 0.9 --seeds 0 1 2 3 4
+    # on the ruler (benchmarks/ruler.py): the from-scratch arm read from its runs, one FID-5k per arm
+    python benchmarks/maskdm_equal_compute.py --base fashion16-dit --steps 800 --evals 1 --eval-samples 5000 \
+        --scratch-runs runs/ruler --out runs/eqc-800
+    python benchmarks/maskdm_equal_compute.py --base fashion16-dit --setting transfer --source-classes 0-4 \
+        --target-classes 5-9 --steps 400 --evals 1 --eval-samples 5000 --out runs/eqc-transfer
+    # the papers' scale on a GPU, unchanged but for the preset and the device
+    python benchmarks/maskdm_equal_compute.py --base cifar10-dit --steps 20000 --device cuda --out runs/eqc-cifar10
 """
 from __future__ import annotations
 import argparse, json, shutil, statistics, tempfile
@@ -101,7 +111,8 @@ def run_arm(arm, seed, plan, a, out):
     if arm == 'small-batch':      # P full-image steps of as many tokens as a masked step: more updates, no masking
         b = max(1, round(plan['batch'] * plan['c']))
         Q, q_flops, first = P, P * b / plan['batch'], [*plan['target'], f'train.batch_size={b}',
-                                                      f'train.eval_every={max(1, P // a.evals)}']
+                                                      f'train.eval_every={max(1, P // a.evals)}',
+                                                      *(['eval.enabled=false'] if a.evals == 1 else [])]
     else:
         masked = arm == 'transfer'
         Q = P if masked else S - F
@@ -109,7 +120,8 @@ def run_arm(arm, seed, plan, a, out):
         first = [*plan['source'], *(mask if masked else []), 'eval.enabled=false']
     on_target = arm == 'small-batch'
     pre = fit_run(get_config(a.base, [f'name={name}-pretrain', f'train.seed={seed}', *plan['common'], *first,
-                                      f'train.steps={Q}']), out / f'{name}-pretrain', progress=a.progress, evaluate=on_target)
+                                      f'train.steps={Q}']), out / f'{name}-pretrain', progress=a.progress,
+                  evaluate=on_target and a.evals > 1)   # --evals 1: each arm is evaluated at its end only
     ft = fit_run(get_config(a.base, [f'name={name}', *base, f'train.steps={F}', f'train.init_from={pre["run"]}',
                                      f'train.warmup_steps={a.finetune_warmup}', f'train.eval_every={max(1, F // a.evals)}']),
                  out / name, progress=a.progress)
@@ -156,11 +168,15 @@ def main(argv=None):
     p.add_argument('--finetune-warmup', type=int, default=25, help='warm-up steps when fine-tuning starts')
     p.add_argument('--target-images', type=int, help='train on this many target images (transfer default: 300)')
     p.add_argument('--source', default='fashion-mnist', help='transfer: the dataset pre-trained on')
+    p.add_argument('--target-classes', help="the target's classes only, e.g. 5-9 (data.classes; FID against them too)")
+    p.add_argument('--source-classes', help='transfer: the source\'s classes only, e.g. 0-4 with --source = the '
+                   'target\'s dataset: pre-train on one half of the classes, fine-tune on the other')
     p.add_argument('--source-root', help='transfer: folder of the source data (default: the loader\'s own search)')
     p.add_argument('--evals', type=int, default=4, help='FID points per run on the target')
     p.add_argument('--eval-samples', type=int, default=400)
     p.add_argument('--scratch-runs', help='the from-scratch arm from these finished runs (`ruler.py --out`: '
                                           'scratch-s<seed>, same preset and overrides, constant lr) instead of training it')
+    p.add_argument('--device', default='cpu', help='where every run trains and is evaluated (e.g. cuda)')
     p.add_argument('--out', default='runs/equal-compute')
     p.add_argument('--progress', action='store_true')
     p.add_argument('overrides', nargs='*', help='extra key=value for every run')
@@ -170,13 +186,16 @@ def main(argv=None):
     if bad := [x for x in arms if x not in ARMS[a.setting]]: p.error(f'arms {bad} are not in setting {a.setting!r}: {ARMS[a.setting]}')
     if a.setting == 'transfer' and a.target_images is None: a.target_images = 300
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    common = ['train.sample_every=0', f'eval.num_samples={a.eval_samples}', 'train.ckpt_every=500', *a.overrides]
-    target = [f'data.max_images={a.target_images}'] if a.target_images else []
+    common = ['train.sample_every=0', f'eval.num_samples={a.eval_samples}', 'train.ckpt_every=500',
+              f'train.device={a.device}', *a.overrides]
+    target = ([f'data.max_images={a.target_images}'] if a.target_images else []) + \
+             ([f'data.classes={a.target_classes}'] if a.target_classes else [])
     tmp = Path(tempfile.mkdtemp(prefix='eqc-probe-'))               # throw-away run folders of the probes
     probe = Trainer(get_config(a.base, [*common, *target, 'train.steps=1', 'eval.enabled=false']), tmp / 'probe', progress=False)
     res, ch = probe.data.resolution, probe.data.channels
     source = [f'data.name={a.source}', f'data.resolution={res}', f'data.channels={ch}', 'data.max_images=none',
-              *([f'data.root={a.source_root}'] if a.source_root else [])]
+              *([f'data.root={a.source_root}'] if a.source_root else []),
+              *([f'data.classes={a.source_classes}'] if a.source_classes else [])]
     c_flops, n_vis, n_tok = masked_flops_ratio(probe, a)
     # a re-run into the same --out reuses the measured step costs, so finished runs are reused and interrupted ones
     # resume (the runs' configs depend on them); other settings need another --out

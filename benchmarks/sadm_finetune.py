@@ -116,6 +116,7 @@ def main(argv=None):
     p.add_argument('--evals', type=int, default=2, help='FID points per fine-tuning run')
     p.add_argument('--eval-samples', type=int, default=800)
     p.add_argument('--jobs', type=int, default=1, help='runs trained at a time (each on one thread when > 1)')
+    p.add_argument('--device', default='cpu', help='where every run trains and is evaluated (e.g. cuda)')
     p.add_argument('--out', default='runs/sadm-finetune')
     p.add_argument('--progress', action='store_true')
     p.add_argument('overrides', nargs='*', help='extra key=value for every run (base included)')
@@ -128,7 +129,8 @@ def main(argv=None):
         try: arm_overrides(arm, a)
         except ValueError as e: p.error(str(e))
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    common = ['train.sample_every=0', f'eval.num_samples={a.eval_samples}', 'train.ckpt_every=500', *a.overrides]
+    common = ['train.sample_every=0', f'eval.num_samples={a.eval_samples}', 'train.ckpt_every=500',
+              f'train.device={a.device}', *a.overrides]
     key = {k: v for k, v in vars(a).items() if k not in ('seeds', 'arms', 'progress', 'out', 'jobs', 'ablations', 'variants',
                                                          'lambdas', 't_maxes', 'ablation_lam', 'name')}
     saved = json.loads((out / 'plan.json').read_text()) if (out / 'plan.json').is_file() else None

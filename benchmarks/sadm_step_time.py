@@ -51,11 +51,12 @@ def main(argv=None):
     p.add_argument('--reps', type=int, default=7)
     p.add_argument('--warmup', type=int, default=3, help='untimed steps per arm first')
     p.add_argument('--bf16', action='store_true')
+    p.add_argument('--device', default='cpu', help='where the arms train (e.g. cuda)')
     p.add_argument('--json', help='also write the JSON here')
     a = p.parse_args(argv)
     arms = {'plain': []} | ({n: VARIANTS[n] for n in DEFAULT} if a.variants == 'default' else VARIANTS)
     common = ['eval.enabled=false', 'train.sample_every=0', 'train.ckpt_every=1000000', 'train.steps=1000000',
-              'sadm.warmup_steps=0', 'sadm.heldout_size=0'] + (['train.precision=bf16'] if a.bf16 else []) + a.override
+              'sadm.warmup_steps=0', 'sadm.heldout_size=0', f'train.device={a.device}'] + (['train.precision=bf16'] if a.bf16 else []) + a.override
     tmp = tempfile.TemporaryDirectory()
     trainers = {name: Trainer(get_config(a.preset, common + over), Path(tmp.name) / f'arm{i}', progress=False)
                 for i, (name, over) in enumerate(arms.items())}

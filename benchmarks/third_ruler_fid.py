@@ -26,18 +26,20 @@ from sadm_lab.train import RunDir, load_run  # noqa: E402
 
 
 def run_fid(run: Path, a, cache: dict) -> dict:
-    model, diffusion, cfg, data = load_run(run, weights='ema')
+    model, diffusion, cfg, data = load_run(run, weights='ema', device=a.device)
     key = (cfg.data.name, tuple(data.images.shape))
     if key not in cache:
         ext = classifier_features(data.images, data.labels, data.num_classes, dataset=data.name, seed=a.seed,
-                                  width=a.width, feat_dim=a.feat_dim, progress=False)
+                                  width=a.width, feat_dim=a.feat_dim, progress=False,
+                                  device=a.device)
         cache[key] = FIDEvaluator(data.images, ext, n=a.samples)
     sc = cfg.sample
     sampler, steps = a.sampler or sc.sampler, a.steps or sc.steps
     with torch.no_grad():
         imgs = generate(model, diffusion, a.samples, sampler=sampler, steps=steps,
                         eta=sc.eta if sampler == 'ddim' else 0., cfg_scale=sc.cfg_scale, batch_size=sc.batch_size,
-                        generator=torch.Generator().manual_seed(1234), progress=False)
+                        generator=torch.Generator(device=a.device).manual_seed(1234), device=a.device,
+                        progress=False)
     res = cache[key](imgs)
     evals = [r for r in RunDir(run).read_metrics() if r.get('kind') == 'eval']
     m = re.fullmatch(r'(.+)-s(\d+)', run.name)
@@ -56,6 +58,7 @@ def main(argv=None):
     p.add_argument('--feat-dim', type=int, default=64)
     p.add_argument('--sampler', help="sampler (default: each run's own), e.g. ddim with --steps 2 for a few-step chain")
     p.add_argument('--steps', type=int, help="sampling steps (default: each run's own)")
+    p.add_argument('--device', default='cpu', help='where the runs sample and the features are computed (e.g. cuda)')
     p.add_argument('--json', help='also write the JSON here')
     a = p.parse_args(argv)
     runs = [Path(r) for r in a.runs]

@@ -35,6 +35,7 @@ class DataConfig:
     resolution: Optional[int] = None     # image side in pixels; None = the dataset's native/default size
     channels: Optional[int] = None       # 1 (grey) or 3 (RGB); None = the dataset's own
     max_images: Optional[int] = None     # cap on training images (deterministic subset)
+    classes: Optional[str] = None        # only these classes, e.g. '0-4' or '0,2,7-9' (train, test and FID reference)
     download: bool = False               # allow torchvision to download fashion-mnist when files are missing
     conditional: bool = True             # train class-conditionally when the dataset has labels
     vae: Optional[str] = None            # latent diffusion: a diffusers AutoencoderKL folder or hub id (None = pixels)

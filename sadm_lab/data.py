@@ -26,11 +26,11 @@ __all__ = ['LUMA_WEIGHTS', 'SPLITS', 'TEST_FRACTION', 'SPLIT_SEED', 'DATASETS', 
            'CELEBA_HQ_SOURCE', 'FFHQ_SOURCE', 'IMAGENET_SOURCE', 'load_celeba', 'load_celeba_hq', 'load_ffhq',
            'CIFAR10_URL', 'CIFAR10_MD5', 'CIFAR10_ARCHIVE', 'CIFAR10_FOLDER', 'CIFAR10_CACHE', 'CIFAR10_BATCHES',
            'EMOJI_ATTRIBUTION', 'ImageData', 'collate_images', 'uint8_to_unit', 'resize_images', 'convert_channels',
-           'split_indices', 'choose_subset', 'register_dataset', 'load_data', 'load_digits_data', 'read_idx',
-           'write_idx', 'load_fashion_mnist', 'SkippedImagesWarning', 'load_image', 'physical_memory', 'check_memory',
-           'load_image_folder', 'center_crop_arr', 'celeba_crop', 'celeba_crop_140', 'ffhq_resize', 'load_imagenet',
-           'UnsafePickleError', 'safe_unpickle', 'load_cifar10', 'file_digest', 'download_file', 'emoji_files',
-           'load_emoji']
+           'split_indices', 'choose_subset', 'register_dataset', 'parse_classes', 'keep_classes', 'load_data',
+           'load_digits_data', 'read_idx', 'write_idx', 'load_fashion_mnist', 'SkippedImagesWarning', 'load_image',
+           'physical_memory', 'check_memory', 'load_image_folder', 'center_crop_arr', 'celeba_crop', 'celeba_crop_140',
+           'ffhq_resize', 'load_imagenet', 'UnsafePickleError', 'safe_unpickle', 'load_cifar10', 'file_digest',
+           'download_file', 'emoji_files', 'load_emoji']
 
 # %% ../nbs/api/02_data.ipynb #6033acaf
 @dataclass(repr=False, eq=False)
@@ -163,17 +163,45 @@ def _check_positive(what: str, v):
     if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
         raise ConfigError(f"{what} must be a positive integer or None, got {v!r}")
 
+def parse_classes(spec: str | None, num_classes: int) -> list[int] | None:
+    """The class indices `data.classes` names: comma-separated indices and inclusive ranges, e.g. '0-4' or '0,2,7-9'
+    (None = every class). Checked against the dataset's `num_classes`."""
+    if spec is None: return None
+    if num_classes < 1: raise ConfigError(f"data.classes={spec!r}: this dataset has no labels to choose classes by")
+    out = set()
+    for part in str(spec).replace(' ', '').split(','):
+        lo, sep, hi = part.partition('-')
+        if not (lo.isdigit() and (hi.isdigit() if sep else True)):
+            raise ConfigError(f"data.classes={spec!r}: {part!r} is not a class index or a range like '0-4'")
+        lo, hi = int(lo), int(hi) if sep else int(lo)
+        if lo > hi or hi >= num_classes:
+            raise ConfigError(f"data.classes={spec!r}: {part!r} is not within the classes 0-{num_classes - 1}")
+        out.update(range(lo, hi + 1))
+    return sorted(out)
+
+def keep_classes(data: ImageData, classes: list[int], *, max_images: int | None = None, seed: int = 0) -> ImageData:
+    """The rows of `data` whose label is in `classes`, then at most `max_images` of them (a seeded choice). Labels
+    keep their indices (a model trained on classes 5-9 still has 10 label slots), so runs on two class subsets of
+    one dataset share a label space."""
+    idx = choose_subset(torch.isin(data.labels, torch.tensor(classes)).nonzero().flatten(), max_images, seed=seed)
+    if len(idx) == 0: raise DataError(f"no {data.split!r} images of {data.name or 'the data'} in classes {classes}")
+    return ImageData(data.images[idx], data.labels[idx], data.num_classes, data.name, data.class_names, data.split)
+
 def load_data(name: str = 'digits', *, root=None, resolution: int | None = None, channels: int | None = None,
-              max_images: int | None = None, split: str = 'train', download: bool = False, seed: int = 0) -> ImageData:
-    "Load dataset `name` as an `ImageData` (float32 (N, C, H, W) in [-1, 1]); see `DATASETS` for the names."
+              max_images: int | None = None, split: str = 'train', download: bool = False, seed: int = 0,
+              classes: str | None = None) -> ImageData:
+    """Load dataset `name` as an `ImageData` (float32 (N, C, H, W) in [-1, 1]); see `DATASETS` for the names.
+    `classes` (e.g. '0-4') keeps only those classes, before the `max_images` choice."""
     key = _canonical(name)
     if key not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
     if split not in SPLITS: raise ConfigError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     _check_positive('resolution', resolution); _check_positive('max_images', max_images)
     if channels not in (None, 1, 3): raise ConfigError(f"channels must be 1 (grey), 3 (RGB) or None, got {channels!r}")
-    data = DATASETS[key](root=root, resolution=resolution, channels=channels, max_images=max_images,
-                         split=split, download=download, seed=seed)
+    data = DATASETS[key](root=root, resolution=resolution, channels=channels,
+                         max_images=max_images if classes is None else None, split=split, download=download, seed=seed)
+    if classes is not None:
+        data = keep_classes(data, parse_classes(classes, data.num_classes), max_images=max_images, seed=seed)
     if exists(resolution) and data.resolution != resolution: data.images = resize_images(data.images, resolution)
     if exists(channels) and data.channels != channels: data.images = convert_channels(data.images, channels)
     data.images = data.images.contiguous()

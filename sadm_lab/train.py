@@ -39,15 +39,16 @@ def build_data(cfg: RunConfig, split: str = 'train') -> ImageData:
     "Load the dataset a config names (`split` 'train' or 'test')."
     d = cfg.data
     return load_data(d.name, root=d.root, resolution=d.resolution, channels=d.channels,
-                     max_images=d.max_images if split == 'train' else None, split=split, download=d.download)
+                     max_images=d.max_images if split == 'train' else None, split=split, download=d.download,
+                     classes=d.classes)
 
 def build_reference_data(cfg: RunConfig, split: str = 'train') -> ImageData:
     """The real images FID compares with: the dataset's whole training split (or, `split='test'`, its whole test
     split: `eval.reference=test`). `data.max_images` caps what a run trains on (a small-data or transfer experiment),
-    not the distribution its samples are judged against."""
+    not the distribution its samples are judged against; `data.classes` narrows both."""
     d = cfg.data
     return load_data(d.name, root=d.root, resolution=d.resolution, channels=d.channels, split=split,
-                     download=d.download)
+                     download=d.download, classes=d.classes)
 
 def build_network(cfg: RunConfig, data: ImageData) -> nn.Module:
     "The network for `cfg.model`, sized for `data` (resolution, channels, classes)."

