@@ -146,10 +146,23 @@ def read_scratch(run: Path, S: int, want) -> dict:
     if cfg.train.lr_schedule != 'constant':
         raise SystemExit(f'{run}: lr_schedule={cfg.train.lr_schedule!r}; only a constant schedule makes its first '
                          f'{S} steps an {S}-step run')
-    clock = [(r, t) for r, t in training_clock(RunDir(run).read_metrics()) if r.get('kind') == 'eval' and r['step'] <= S]
+    every = [(r, t) for r, t in training_clock(RunDir(run).read_metrics()) if r.get('kind') == 'eval']
+    clock = [(r, t) for r, t in every if r['step'] <= S]
     if not clock or clock[-1][0]['step'] != S: raise SystemExit(f'{run} has no evaluation at step {S}')
     return {'run': str(run), 'evals': [dict(r, train_s=t) for r, t in clock], 'train_s': clock[-1][1],
-            'resumed': False, 'config': cfg}
+            'resumed': False, 'config': cfg, 'time_curve': [(t, r['fid']) for r, t in every]}
+
+
+def fid_at_time(curve, t: float) -> float | None:
+    """FID of a from-scratch run after `t` seconds of training: interpolated in log FID between its evaluations
+    (`curve`: (training seconds, FID) pairs), None outside the times it covers. Equal wall-clock, read off one
+    longer run instead of training a run per time."""
+    import math
+    for (t0, f0), (t1, f1) in zip(curve, curve[1:]):
+        if t0 <= t <= t1:
+            w = (t - t0) / (t1 - t0) if t1 > t0 else 0.0
+            return math.exp((1 - w) * math.log(f0) + w * math.log(f1))
+    return None
 
 
 def main(argv=None):
@@ -238,6 +251,12 @@ def main(argv=None):
             'train_s_mean': statistics.mean(r['train_s'] for r in rs), 'updates': rs[0]['updates'],
             'resumed_runs': sum(r['resumed'] for r in rs),
             'curves': [[(x, t, e['fid']) for x, t, e in r['points']] for r in rs], 'runs': [r['run'] for r in rs]}
+        # equal wall-clock: the same seed's from-scratch run (--scratch-runs) at this arm's training time
+        scr = {r['seed']: r['time_curve'] for r in results if r['arm'] == 'scratch' and 'time_curve' in r}
+        if arm != 'scratch' and all(r['seed'] in scr for r in rs):
+            eq = [fid_at_time(scr[r['seed']], r['train_s']) for r in rs]
+            summary['arms'][arm]['scratch_at_equal_time'] = eq
+            summary['arms'][arm]['scratch_at_equal_time_mean'] = statistics.mean(eq) if None not in eq else None
     atomic_write_json(out / 'summary.json', summary)
     _plots(summary, out)
     md = _markdown(summary, a)
@@ -264,6 +283,15 @@ def _markdown(s, a) -> str:
         lines.append(f"| {LABELS[arm]} | {d['final_fid_mean']:.2f} ± {d['final_fid_std']:.2f} | "
                      f"{', '.join(f'{x:.2f}' for x in d['final_fids'])} | {nn} | {d['updates']} | {d['train_s_mean']:.0f}"
                      f"{' *' if d['resumed_runs'] else ''} |")
+    eq = {arm: d for arm, d in s['arms'].items() if d.get('scratch_at_equal_time')}
+    if eq:
+        lines += ['', 'Equal wall-clock: the same seed\'s from-scratch run after as much training time as the arm '
+                  '(interpolated between the evaluations of its longer run; – where the arm trained longer than it):', '',
+                  '| arm | its FID | from scratch at its training time | per seed |', '|---|---|---|---|']
+        for arm, d in eq.items():
+            m = d['scratch_at_equal_time_mean']
+            lines.append(f"| {LABELS[arm]} | {d['final_fid_mean']:.2f} | {'–' if m is None else f'{m:.2f}'} | "
+                         + ', '.join('–' if x is None else f'{x:.2f}' for x in d['scratch_at_equal_time']) + ' |')
     lines += ['', f"Real-vs-real floor of the same protocol: {s['floor']:.2f}. NN ratio: median distance of a sample to "
               "its nearest training image over that of held-out real images (about 1 = fresh, near 0 = copies).", '',
               '![FID vs FLOPs](fid_vs_flops.png) ![FID vs time](fid_vs_time.png)', '']

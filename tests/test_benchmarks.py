@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sadm_lab.train import training_clock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +85,7 @@ def test_small_batch_control_matches_the_tokens_of_a_masked_step(tmp_path):
 
 
 def test_training_time_adds_up_sessions_and_leaves_out_evaluations():
-    from sadm_lab.train import training_clock, training_time
+    from sadm_lab.train import training_time
     recs = [{'kind': 'event', 'event': 'start', 'step': 0, 'time': 100.0},
             {'kind': 'train', 'step': 10, 'time': 110.0},
             {'kind': 'eval', 'step': 10, 'seconds': 3.0, 'time': 114.0},
@@ -218,6 +219,10 @@ def test_ruler_summarises_budgets_and_its_runs_serve_the_comparisons(tmp_path, c
     at8 = [r for r in map(json.loads, (rdir / 'scratch-s0' / 'metrics.jsonl').read_text().splitlines())
            if r.get('kind') == 'eval' and r['step'] == 8]
     assert e['arms']['scratch']['final_fids'] == [at8[0]['fid']] and not (tmp_path / 'eqc' / 'scratch-s0').exists()
+    m = e['arms']['maskdm']                           # equal wall-clock: read off the longer from-scratch run
+    curve = [(t, r['fid']) for r, t in training_clock(list(map(json.loads, (rdir / 'scratch-s0' / 'metrics.jsonl')
+                                                              .read_text().splitlines()))) if r.get('kind') == 'eval']
+    assert m['scratch_at_equal_time'] == [eqc.fid_at_time(curve, m['train_s_mean'])]
     with pytest.raises(SystemExit, match='not this comparison'):     # another model is not its from-scratch arm
         eqc.main([*args[:-1], '--out', str(tmp_path / 'eqc2'), 'model.depth=2'])
     # and a ruler run is the base model of a fine-tuning comparison
@@ -266,3 +271,12 @@ def test_transfer_between_halves_of_the_classes_of_one_dataset(tmp_path):
     pre = json.loads((Path(ft['train']['init_from']) / 'config.json').read_text())
     assert (pre['data']['classes'], pre['data']['max_images'], pre['mask']['strategy']) == ('0-4', None, 'patch')
     assert (ft['data']['classes'], ft['data']['max_images'], ft['mask']['strategy']) == ('5-9', 50, 'none')
+
+
+def test_fid_at_time_interpolates_log_fid_inside_the_curve_only():
+    eqc = _load('maskdm_equal_compute')
+    curve = [(10.0, 100.0), (20.0, 25.0), (40.0, 16.0)]
+    assert eqc.fid_at_time(curve, 15.0) == pytest.approx(50.0)        # geometric mean of 100 and 25
+    assert eqc.fid_at_time(curve, 30.0) == pytest.approx(20.0)        # sqrt(25 * 16)
+    assert eqc.fid_at_time(curve, 20.0) == pytest.approx(25.0) and eqc.fid_at_time(curve, 40.0) == pytest.approx(16.0)
+    assert eqc.fid_at_time(curve, 9.9) is None and eqc.fid_at_time(curve, 40.1) is None
