@@ -3,8 +3,9 @@ features, building the evaluator with the reference statistics computed (cold ca
 evaluation, and the extra cost of precision/recall. Prints a table and JSON (also written with --out).
 
     python benchmarks/fid_eval_time.py --n 800 --features classifier,inception --inception-n 48 --device cpu
+    python benchmarks/fid_eval_time.py --preset fashion16-dit --n 5000 --features classifier,inception  # the ruler
 
-Digits (1,797 images) are tiled with a little noise when 2N real images are needed beyond that: the numbers are
+Without `--preset`, digits (1,797 images) are tiled with a little noise when 2N real images are needed beyond that: the numbers are
 timings, not scores. The Inception network (~0.14 s per image on a 2-core CPU) gets its own, smaller N.
 """
 from __future__ import annotations
@@ -32,10 +33,25 @@ def timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-def measure(kind: str, n: int, device: str, batch_size: int | None) -> dict:
+def preset_real(preset: str):
+    "A preset's FID reals (the split its `eval.reference` names) and its training data (the classifier's)."
+    from sadm_lab.config import get_config
+    from sadm_lab.train import build_data, build_reference_data
+    cfg = get_config(preset)
+    return build_reference_data(cfg, cfg.eval.reference).images, build_data(cfg)
+
+
+def measure(kind: str, n: int, device: str, batch_size: int | None, preset: str | None = None) -> dict:
     from sadm_lab.metrics import FIDEvaluator, classifier_features, InceptionFeatures, extract_features
-    real = digits_real(2 * n + 10)[0][:2 * n + 10]
-    if kind == 'classifier':
+    if preset:
+        real, train = preset_real(preset)
+        real = real[:2 * n + 10]
+        if len(real) < 2 * n: raise SystemExit(f'{preset}: {len(real)} reference images, fewer than 2N = {2 * n}')
+    else: real = digits_real(2 * n + 10)[0][:2 * n + 10]
+    if kind == 'classifier' and preset:
+        ext = classifier_features(train.images, train.labels, train.num_classes, dataset=train.name, progress=False,
+                                  device=device)
+    elif kind == 'classifier':
         d_real, d_labels = digits_real(1797)
         ext = classifier_features(d_real[:1797], d_labels[:1797], 10, dataset='digits', progress=False, device=device)
     else:
@@ -54,7 +70,7 @@ def measure(kind: str, n: int, device: str, batch_size: int | None) -> dict:
         assert res2 == res
         evp = FIDEvaluator(real, ext, precision_recall=True, **kw)
         resp, t_eval_pr = timed(lambda: evp(fake), device)
-    return dict(features=kind, tag=ext.tag, n=n, n_ref=res['n_ref'], device=device, batch_size=bs,
+    return dict(features=kind, data=preset or 'digits', tag=ext.tag, n=n, n_ref=res['n_ref'], device=device, batch_size=bs,
                 extract_img_per_s=round(n / t_feat, 1), build_cold_s=round(t_cold, 3), build_cached_s=round(t_warm, 3),
                 eval_first_s=round(t_eval_cold, 3), eval_cached_floor_s=round(t_eval_warm, 3),
                 eval_with_pr_s=round(t_eval_pr, 3), total_cold_s=round(t_cold + t_eval_cold, 3),
@@ -62,7 +78,7 @@ def measure(kind: str, n: int, device: str, batch_size: int | None) -> dict:
                 precision=round(resp['precision'], 4), recall=round(resp['recall'], 4))
 
 
-COLUMNS = ['features', 'n', 'n_ref', 'extract_img_per_s', 'build_cold_s', 'build_cached_s', 'eval_first_s',
+COLUMNS = ['features', 'data', 'n', 'n_ref', 'extract_img_per_s', 'build_cold_s', 'build_cached_s', 'eval_first_s',
            'eval_cached_floor_s', 'eval_with_pr_s', 'total_cold_s', 'total_cached_s']
 
 
@@ -77,13 +93,15 @@ def main(argv=None) -> list[dict]:
     ap.add_argument('--inception-n', type=int, default=48, help='generated images per FID with Inception (slow on CPU)')
     ap.add_argument('--features', default='classifier', help="comma list of 'classifier', 'inception'")
     ap.add_argument('--device', default='cpu')
+    ap.add_argument('--preset', help="real images of this preset's data and FID reference (e.g. fashion16-dit, the "
+                                     "ruler: --n 5000) instead of tiled digits")
     ap.add_argument('--batch-size', type=int, default=None)
     ap.add_argument('--out', type=Path, default=None, help='also write the JSON here')
     a = ap.parse_args(argv)
     rows = []
     for kind in [k.strip() for k in a.features.split(',') if k.strip()]:
         if kind not in ('classifier', 'inception'): ap.error(f'unknown features {kind!r}')
-        rows.append(measure(kind, a.inception_n if kind == 'inception' else a.n, a.device, a.batch_size))
+        rows.append(measure(kind, a.inception_n if kind == 'inception' else a.n, a.device, a.batch_size, a.preset))
     print(table(rows))
     print(json.dumps(rows, indent=2))
     if a.out: a.out.write_text(json.dumps(rows, indent=2) + '\n')

@@ -260,4 +260,8 @@ def test_fid_eval_time_benchmark_runs(tmp_path, capsys):
     (row,) = mod.main(['--n', '60', '--features', 'classifier', '--out', str(tmp_path / 'r.json')])
     assert row['n'] == 60 and row['build_cached_s'] <= row['build_cold_s'] + 0.05 and row['extract_img_per_s'] > 0
     assert json.loads((tmp_path / 'r.json').read_text())[0]['features'] == 'classifier'
-    assert '| classifier | 60 |' in capsys.readouterr().out
+    assert '| classifier | digits | 60 |' in capsys.readouterr().out
+    (row,) = mod.main(['--n', '30', '--features', 'classifier', '--preset', 'smoke'])   # a preset's own data
+    assert (row['data'], row['n'], row['n_ref']) == ('smoke', 30, 40)            # 2N + 10 reals: N floor, the rest R
+    with pytest.raises(SystemExit, match='fewer than 2N'):
+        mod.main(['--n', '5000', '--features', 'classifier', '--preset', 'smoke'])
