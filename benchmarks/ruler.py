@@ -75,7 +75,7 @@ def summarise(a, runs: list[dict]) -> dict:
                          precision=_mean(es, 'precision'), recall=_mean(es, 'recall')))
     arm_s = statistics.mean(r['train_s'] for r in runs)
     eval_s = statistics.mean(row['eval_s'] for row in rows)
-    improving = all(x['fid_mean'] < y['fid_mean'] for x, y in zip(rows, rows[1:]))
+    improving = all(later['fid_mean'] < earlier['fid_mean'] for earlier, later in zip(rows, rows[1:]))   # FID falls
     checks = {
         'above the floor': (min(r['floor_ratio'] for r in rows) >= a.min_floor_ratio,
                             f"lowest FID / floor {min(r['floor_ratio'] for r in rows):.1f} (need >= {a.min_floor_ratio})"),

@@ -209,6 +209,8 @@ def test_ruler_summarises_budgets_and_its_runs_serve_the_comparisons(tmp_path, c
         assert b['fid_std'] == pytest.approx(abs(b['fids'][0] - b['fids'][1]) / 2 ** 0.5)
     assert set(s['checks']) == {'above the floor', 'still improving', 'seed spread', 'time per arm', 'evaluation share'}
     assert s['ruler'] == all(c['pass'] for c in s['checks'].values())
+    means = [b['fid_mean'] for b in s['budgets']]
+    assert s['checks']['still improving']['pass'] == (means[1] < means[0])         # improving = FID falls
     assert (rdir / 'fid_vs_budget.png').is_file() and '| budget (steps) |' in capsys.readouterr().out
     # the from-scratch arm of an equal-compute comparison is read from the ruler's runs, not trained again
     args = ['--base', 'smoke', '--steps', '8', '--seeds', '0', '--evals', '1', '--eval-samples', '40', '--arms',
