@@ -202,7 +202,8 @@ CHOICES = {
     'train.init_weights': WEIGHTS, 'train.precision': PRECISIONS, 'train.lr_schedule': LR_SCHEDULES,
     'train.sdpa_backend': SDPA_BACKENDS, 'data.latent_mode': LATENT_MODES,
     'train.log_with': TRACKERS, 'model.time_freq_shift': (0, 1),
-    'sample.sampler': tuple(SAMPLERS), 'sample.precision': PRECISIONS, 'eval.features': FEATURES, 'eval.reference': REFERENCES,
+    'sample.sampler': tuple(SAMPLERS), 'sample.precision': PRECISIONS, 'eval.features': FEATURES,
+    'eval.reference': REFERENCES,
     'sadm.omega': OMEGAS, 'sadm.affinity': AFFINITIES, 'sadm.p': P_NORMS, 'sadm.variant': VARIANTS,
     'sadm.outside_encoder': OUTSIDE_ENCODERS,
 }

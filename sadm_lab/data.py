@@ -317,7 +317,7 @@ def _read_fashion_split(files: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarra
 @register_dataset('fashion-mnist')
 def load_fashion_mnist(*, root=None, split='train', download=False, max_images=None, seed=0, **_) -> ImageData:
     "Fashion-MNIST from the standard idx files (official train/test split), 28×28 grey in [-1, 1]."
-    parts = ['train', 'test'] if split == 'all' else [split]
+    parts = [s for s in SPLITS if s != 'all'] if split == 'all' else [split]
     dirs = _fashion_dirs(root)
     stems = [s for p in parts for s in FASHION_MNIST_FILES[p]]
     found = {s: _find_idx(dirs, s) for s in stems}
@@ -635,7 +635,7 @@ def load_cifar10(*, root=None, split='train', download=False, max_images=None, s
     meta = _str_keys(safe_unpickle(read('batches.meta'), what=f'{src}: batches.meta'), 'batches.meta')
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get('label_names', [])]
     if len(names) != 10: raise DataError(f"{src}: batches.meta has {len(names)} label_names, CIFAR-10 has 10")
-    files = [f for p in (['train', 'test'] if split == 'all' else [split]) for f in CIFAR10_BATCHES[p]]
+    files = [f for p in ([s for s in SPLITS if s != 'all'] if split == 'all' else [split]) for f in CIFAR10_BATCHES[p]]
     batches = [_cifar10_batch(read(f), f'{src}: {f}') for f in files]
     x, y = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
     idx = _select(len(x), None, split='all', max_images=max_images, seed=seed, what=f'cifar10 {split}').numpy()

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .core import (SadmError, DataError, ConfigError, CheckpointError, atomic_write, exists, default,
                            torch_threads)
+from .data import SPLITS
 
 # %% auto #0
 __all__ = ['FID_HELPER_PIN', 'INCEPTION_SHA1', 'FEATURE_NET_RECIPE', 'FEATURES', 'REFERENCES', 'FID_STATS_FORMAT',
@@ -430,7 +431,7 @@ def classifier_features(images: torch.Tensor, labels: torch.Tensor | None, num_c
 
 # %% ../nbs/api/07_metrics.ipynb #4c3383ec
 FEATURES = ('classifier', 'inception')        # the FID feature networks (`eval.features`)
-REFERENCES = ('train', 'test')                # FID's real images: a dataset split (`eval.reference`)
+REFERENCES = tuple(s for s in SPLITS if s != 'all')   # FID's real images: a split (`eval.reference`)
 
 def make_feature_extractor(kind: str = 'auto', *, images=None, labels=None, num_classes: int = 0,
                            dataset: str | None = None,

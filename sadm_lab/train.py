@@ -14,8 +14,8 @@ from torch import nn
 from .core import (SadmError, ConfigError, CheckpointError, atomic_torch_save, atomic_write_json,
                            atomic_write_text, safe_torch_load, get_device, peak_memory_mb, seeded, check_choice,
                            provenance, file_sha256, write_error)
-from .config import (WEIGHTS, TRACKERS, PRECISIONS, RunConfig, load_config, check_resumable, validate, from_dict,
-                             config_diff)
+from .config import (WEIGHTS, TRACKERS, PRECISIONS, RunConfig, load_config, check_resumable, validate,
+                             from_dict, config_diff)
 from .data import load_data, ImageData
 from .diffusion import Diffusion, drop_labels
 from .models import MODELS, build_model, family_of
@@ -487,7 +487,7 @@ class Trainer:
         with self.acc.main_process_first():                 # one process downloads/prepares data, the others read it
             self.data = data if data is not None else build_data(cfg)
             self.eval_data = (build_reference_data(cfg) if data is None and cfg.data.max_images is not None
-                              and cfg.eval.enabled else self.data)   # the feature network's data (`build_reference_data`)
+                              and cfg.eval.enabled else self.data)   # the feature network's data
             self.fid_reference = (build_reference_data(cfg, split='test') if cfg.eval.enabled
                                   and cfg.eval.reference == 'test' else None)   # FID's reals, if not eval_data
         if len(self.data) < 2:
