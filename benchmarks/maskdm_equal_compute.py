@@ -251,6 +251,7 @@ def main(argv=None):
             'train_s_mean': statistics.mean(r['train_s'] for r in rs), 'updates': rs[0]['updates'],
             'resumed_runs': sum(r['resumed'] for r in rs),
             'curves': [[(x, t, e['fid']) for x, t, e in r['points']] for r in rs], 'runs': [r['run'] for r in rs]}
+        if all('time_curve' in r for r in rs): summary['arms'][arm]['time_curves'] = [r['time_curve'] for r in rs]
         # equal wall-clock: the same seed's from-scratch run (--scratch-runs) at this arm's training time
         scr = {r['seed']: r['time_curve'] for r in results if r['arm'] == 'scratch' and 'time_curve' in r}
         if arm != 'scratch' and all(r['seed'] in scr for r in rs):
@@ -312,6 +313,9 @@ def _plots(summary, out):
             for i, curve in enumerate(d['curves']):
                 ax.plot([pt[idx] for pt in curve], [pt[2] for pt in curve], 'o-', color=f'C{k}', alpha=0.7, ms=3,
                         label=arm if i == 0 else None)
+            for i, curve in enumerate(d.get('time_curves', []) if idx == 1 else []):   # the longer ruler runs
+                ax.plot([t for t, _ in curve], [f for _, f in curve], ':', color=f'C{k}', alpha=0.6,
+                        label=f'{arm}, the rest of its run' if i == 0 else None)
         ax.axhline(summary['floor'], ls='--', color='gray', label='real-vs-real floor')
         ax.set_xlabel(xlabel); ax.set_ylabel('FID'); ax.set_yscale('log'); ax.legend(fontsize=7); ax.grid(alpha=0.3)
         fig.tight_layout(); fig.savefig(out / fname); plt.close(fig)

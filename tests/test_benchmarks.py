@@ -225,6 +225,7 @@ def test_ruler_summarises_budgets_and_its_runs_serve_the_comparisons(tmp_path, c
     curve = [(t, r['fid']) for r, t in training_clock(list(map(json.loads, (rdir / 'scratch-s0' / 'metrics.jsonl')
                                                               .read_text().splitlines()))) if r.get('kind') == 'eval']
     assert m['scratch_at_equal_time'] == [eqc.fid_at_time(curve, m['train_s_mean'])]
+    assert e['arms']['scratch']['time_curves'] == [[list(x) for x in curve]]        # the whole run, for the plot
     with pytest.raises(SystemExit, match='not this comparison'):     # another model is not its from-scratch arm
         eqc.main([*args[:-1], '--out', str(tmp_path / 'eqc2'), 'model.depth=2'])
     # and a ruler run is the base model of a fine-tuning comparison
