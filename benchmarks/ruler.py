@@ -17,7 +17,7 @@ project chose with this script: Fashion-MNIST at 16x16, DiT-T/4 (16 tokens), bat
 summary.md (the table and the verdicts) and fid_vs_budget.png. A re-run reuses finished runs and resumes interrupted
 ones. `--device cuda` and a larger preset (e.g. `cifar10-dit`) run the same check on a GPU.
 
-    python benchmarks/ruler.py                                   # 3 seeds x 1,600 steps: ~50 min on 2 cores (2 jobs)
+    python benchmarks/ruler.py                                   # 3 seeds x 1,600 steps: ~30 min on 2 cores (2 jobs)
     python benchmarks/ruler.py --jobs 1 --seeds 0 1 2 3 4        # more seeds, one run at a time
     python benchmarks/ruler.py --preset digits-dit --steps 1500 --eval-every 500 --out runs/ruler-digits  # the old one
     python benchmarks/ruler.py --preset cifar10-dit --device cuda --out runs/ruler-cifar10   # CIFAR-10 32x32 on a GPU

@@ -65,7 +65,7 @@ def arm_overrides(arm: str, a) -> list[str]:
     if arm == 'time-cond': return on + ['sadm.time_cond=true']
     if arm.startswith('t_max='): return on + [f'sadm.t_max={arm[6:]}']
     if arm.startswith('omega='): return on + [f'sadm.omega={arm[6:]}']
-    if arm in VARIANT_ARMS: return on + VARIANT_ARMS[arm]
+    if arm in VARIANT_ARMS: return ['sadm.enabled=true', f'sadm.weight={a.ablation_lam}', *VARIANT_ARMS[arm]]
     raise ValueError(f'unknown arm {arm!r}')
 
 
