@@ -275,7 +275,9 @@ def _markdown(s, a) -> str:
              f"with {a.strategy} masking at ratio {a.ratio} ({s['visible_tokens']} visible tokens; a masked step costs "
              f"{s['cost_ratio_flops']:.3f} of an unmasked one in FLOPs"
              + (f", {s['cost_ratio_time']:.3f} in measured time" if s['cost_ratio_time'] else '') + f"), then {F} "
-             f"unmasked fine-tuning steps." + (f" Source for the transfer arms: `{a.source}`." if a.setting == 'transfer' else '')
+             f"unmasked fine-tuning steps." + (f" Source for the transfer arms: `{a.source}`" + (f", classes {a.source_classes}" if a.source_classes else '')
+                + '.' if a.setting == 'transfer' else '')
+             + (f" Target classes: {a.target_classes}." if a.target_classes else '')
              + (f" The small-batch control's first stage uses batch {s['small_batch']}." if s['small_batch'] else ''),
              '', '| arm | final FID (mean ± std) | per seed | NN ratio | optimiser updates | training time (s) |',
              '|---|---|---|---|---|---|']
