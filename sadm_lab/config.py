@@ -110,7 +110,8 @@ class SadmConfig:
     heldout_size: int = 64               # held-out images for the logged structure distance (0 = off)
     # which structure objective (see sadm_lab.structure_variants and the stationarity check):
     variant: str = 'linear'              # 'linear' (unbiased: linear encoder, dot affinity, p=2; the default: it
-                                         # passes the stationarity check and did no harm), 'literal' (x0 vs x0-hat
+                                         # passes the stationarity check, but hurt on the Fashion-MNIST ruler:
+                                         # see docs, SADM evidence 5), 'literal' (x0 vs x0-hat
                                          # through the conv encoder; biased), 'samples' (MMD^2 of a short sampler's
                                          # output against data), 'representation' (hidden tokens' structure vs a
                                          # frozen outside encoder)
