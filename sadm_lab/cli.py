@@ -4,10 +4,10 @@
 
 # %% ../nbs/api/10_cli.ipynb #c7b8fe94
 from __future__ import annotations
-import argparse, json, sys
+import argparse, errno, json, signal, sys
 from pathlib import Path
 
-from .core import SadmError, ConfigError, get_device
+from .core import SadmError, ConfigError, get_device, write_error, check_writable
 from .config import CHOICES, PRESETS, WEIGHTS, RunConfig, get_config, flatten
 from .sample import CONVENTIONS
 
@@ -126,14 +126,17 @@ def cmd_train(a) -> int:
     if a.dry_run: print(cfg.to_json()); return 0
     run_dir = Path(a.run_dir or Path('runs') / cfg.name)
     tr = Trainer(cfg, run_dir, resume=True if a.resume else False, progress=not a.no_progress)
+    tr.exit_on_second_signal = True                     # a second Ctrl-C / SIGTERM leaves at once, no traceback
     if tr.is_main: print(f"run folder: {run_dir} (resumed at step {tr.step})" if tr.step else f"run folder: {run_dir}")
     try: tr.fit()
     except KeyboardInterrupt:
-        if not (tr.interrupted and tr.saved_step == tr.step): raise      # a second Ctrl-C: `main` reports it
+        if not (tr.interrupted and tr.saved_step == tr.step): raise      # interrupted before a checkpoint: `main`
         if tr.is_main:
-            print(f"sadm-lab train: interrupted at step {tr.step}; checkpoint written, continue with: sadm-lab train "
-                  f"{a.preset} ... --run-dir {run_dir} --resume", file=sys.stderr)
-        return 130
+            name = signal.Signals(tr.interrupted).name
+            print(f"sadm-lab train: {'interrupted' if name == 'SIGINT' else 'stopped by ' + name} at step {tr.step}; "
+                  f"checkpoint written, continue with: sadm-lab train {a.preset} ... --run-dir {run_dir} --resume",
+                  file=sys.stderr)
+        return 128 + tr.interrupted                     # 130 for SIGINT, 143 for SIGTERM
     if tr.is_main: print(f"done: {tr.step} steps; checkpoints in {tr.run.ckpt_dir}")
     return 0
 
@@ -158,14 +161,15 @@ def cmd_sample(a) -> int:
     if conv == 'sadm_lab': sampler, steps, eta = a.sampler or sc.sampler, a.steps or sc.steps, sc.eta
     else: sampler, steps, eta = a.sampler, a.steps or CONVENTIONS[conv]['steps'], None   # the convention's
     y = _labels(a.labels, a.n, model.num_classes)
+    name = f'cli-{sampler}-{steps}.png' if conv == 'sadm_lab' else f'cli-{conv}-{steps}.png'
+    out = Path(a.out or Path(a.run_dir) / 'samples' / name)
+    for p in [out] + ([Path(a.save_tensor)] if a.save_tensor else []): check_writable(p.parent)   # before sampling
     g = torch.Generator(device=dev).manual_seed(a.seed)
     with sampling_precision(sc.precision, dev):
         imgs = generate(model, diffusion, a.n, sampler=sampler, steps=steps, eta=eta if a.eta is None else a.eta,
                         cfg_scale=sc.cfg_scale if a.cfg_scale is None else a.cfg_scale, y=y, generator=g, device=dev,
                         batch_size=sc.batch_size, convention=conv, **latent_sampling(model.latent_codec))
     if model.latent_codec is not None: imgs = model.latent_codec.decode(imgs)      # a latent run: decode
-    name = f'cli-{sampler}-{steps}.png' if conv == 'sadm_lab' else f'cli-{conv}-{steps}.png'
-    out = Path(a.out or Path(a.run_dir) / 'samples' / name)
     nrow = model.num_classes if (model.num_classes and y is None and a.n >= model.num_classes) else None
     save_image_grid(imgs, out, nrow=nrow)
     if a.save_tensor:
@@ -208,6 +212,7 @@ def cmd_demo(a) -> int:
 
 def cmd_export(a) -> int:
     from sadm_lab.interop import export_diffusers, export_safetensors
+    check_writable(Path(a.dest).parent)                  # before the run is loaded
     if a.to == 'diffusers':
         out = export_diffusers(a.run_dir, a.dest, weights=a.weights, checkpoint=a.checkpoint, force=a.force)
         print(f"wrote {out}/ (transformer/, scheduler/, sadm_lab.json, README.md); sample it with diffusers as its "
@@ -287,6 +292,10 @@ def _split_overrides(argv) -> tuple[list, list]:
     return rest, over
 
 # %% ../nbs/api/10_cli.ipynb #c0efb7b1
+# a full disk, a read-only or unwritable folder, a quota: said in one line (sadm_lab's own writes raise StorageError)
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
+                   errno.EISDIR}
+
 def main(argv=None) -> int:
     "Entry point of the `sadm-lab` command."
     argv, overrides = _split_overrides(sys.argv[1:] if argv is None else argv)
@@ -298,9 +307,14 @@ def main(argv=None) -> int:
     except SadmError as e:
         print(f"sadm-lab {a.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"sadm-lab {a.command}: interrupted", file=sys.stderr)
-        return 130
+    except OSError as e:                                 # a file the command could not write or read: one line
+        if e.errno not in _STORAGE_ERRNOS or not e.filename: raise
+        print(f"sadm-lab {a.command}: error: {write_error(e.filename, e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:                      # (`Interrupted` says which signal: 130 SIGINT, 143 SIGTERM)
+        signum = getattr(e, 'signum', signal.SIGINT)
+        print(f"sadm-lab {a.command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
 
 # `python -m sadm_lab.cli` (and `accelerate launch -m sadm_lab.cli train ...`); not when run in a notebook
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['SadmError', 'ConfigError', 'DataError', 'CheckpointError', 'exists', 'default', 'in_range', 'problem_with',
-           'check_range', 'check_choice', 'get_device', 'seed_everything', 'seeded', 'torch_threads', 'sync',
-           'memory_now', 'peak_memory_mb', 'atomic_write', 'atomic_write_text', 'atomic_write_json',
-           'atomic_torch_save', 'safe_torch_load', 'file_sha256', 'write_error', 'provenance']
+__all__ = ['SadmError', 'ConfigError', 'DataError', 'CheckpointError', 'StorageError', 'exists', 'default', 'in_range',
+           'problem_with', 'check_range', 'check_choice', 'get_device', 'seed_everything', 'seeded', 'torch_threads',
+           'sync', 'memory_now', 'peak_memory_mb', 'write_error', 'check_writable', 'atomic_write', 'atomic_write_text',
+           'atomic_write_json', 'atomic_torch_save', 'safe_torch_load', 'read_json_object', 'file_sha256', 'provenance']
 
 # %% ../nbs/api/00_core.ipynb #8334306a
 class SadmError(Exception):
@@ -29,6 +29,9 @@ class DataError(SadmError):
 
 class CheckpointError(SadmError):
     "A checkpoint that is missing, unreadable or made for another model/config."
+
+class StorageError(SadmError, OSError):
+    "A file or folder that cannot be written (disk full, read-only, no permission): one line with the free space."
 
 # %% ../nbs/api/00_core.ipynb #75d1e72b
 def exists(x) -> bool:
@@ -159,19 +162,48 @@ def peak_memory_mb(device=None) -> float:
     return kb / 1024 if kb is not None else _rusage_peak_mb()
 
 # %% ../nbs/api/00_core.ipynb #a0f23986
-def atomic_write(path, write_fn: Callable[[str], Any]) -> Path:
-    "Call `write_fn(tmp_path)` then rename the temp file onto `path` (same folder, so the rename is atomic)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    os.close(fd)
+def _free_space(folder) -> str:
+    "'N MiB free on <the nearest existing folder>'."
+    import shutil
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent: folder = folder.parent
+    try: return f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB free on {folder}"
+    except OSError: return f"free space unknown on {folder}"
+
+def write_error(path, e: OSError) -> str:
+    "One line for a failed write of `path`: the OS's reason and the free space of its folder."
+    if isinstance(e, StorageError): return str(e)            # said once already
+    return f"cannot write {path}: {e.strerror or e} ({_free_space(Path(path).parent)})"
+
+def check_writable(folder) -> Path:
+    "`folder` (created if missing) if a file can be created in it now, else `StorageError`: before work, not after."
+    folder = Path(folder)
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix='.write-check.', suffix='.tmp', dir=folder)
+        os.close(fd); os.remove(tmp)
+    except OSError as e:
+        raise StorageError(f"cannot write into {folder}: {e.strerror or e} ({_free_space(folder)})") from None
+    return folder
+
+def atomic_write(path, write_fn: Callable[[str], Any]) -> Path:
+    """Call `write_fn(tmp_path)` then rename the temp file onto `path` (same folder, so the rename is atomic). A
+    failed write leaves no temp file and raises `StorageError`, one line naming `path` and the free space."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+        os.close(fd)
         write_fn(tmp)
         umask = os.umask(0); os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600 files; give the usual permissions
         with open(tmp, 'rb') as f: os.fsync(f.fileno())   # data on disk before the rename makes it visible
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError): os.remove(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError): os.remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, StorageError): raise StorageError(write_error(path, e)) from e
         raise
     return path
 
@@ -183,9 +215,28 @@ def atomic_write_json(path, obj) -> Path:
     "Write `obj` as indented JSON to `path` atomically."
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + '\n')
 
+class _WriteRecorder:
+    "A file for `torch.save` that keeps the `OSError` of a failed write (PyTorch replaces it by a RuntimeError)."
+    def __init__(self, f): self.f, self.error = f, None
+    def write(self, b):
+        try: return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+    def flush(self): self.f.flush()
+
+def _torch_save(obj, p):
+    "`torch.save` to the path `p`, where a full disk is the `OSError` it is (ENOSPC), not PyTorch's RuntimeError."
+    with open(p, 'wb') as f:
+        w = _WriteRecorder(f)
+        try: torch.save(obj, w)
+        except RuntimeError:
+            if w.error is not None: raise w.error from None
+            raise
+
 def atomic_torch_save(obj, path) -> Path:
     "`torch.save` to `path` atomically."
-    return atomic_write(path, lambda p: torch.save(obj, p))
+    return atomic_write(path, lambda p: _torch_save(obj, p))
 
 # %% ../nbs/api/00_core.ipynb #e837475e
 def _load_reason(e: Exception) -> str:
@@ -206,6 +257,16 @@ def safe_torch_load(path, map_location='cpu'):
     raise CheckpointError(f"cannot load checkpoint {path}: {reason}. sadm_lab loads only tensors, numbers, strings "
                           "and containers; the file may be truncated, corrupt or not a torch checkpoint.")
 
+def read_json_object(path, error=SadmError) -> dict:
+    "The JSON object in the file `path`; else `error` (a SadmError class) naming the file and what is wrong."
+    path = Path(path)
+    try: obj = json.loads(path.read_text(encoding='utf-8'))
+    except FileNotFoundError: raise error(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e: raise error(f"cannot read {path}: {e}") from None
+    except json.JSONDecodeError as e: raise error(f"{path} is not valid JSON ({e}; truncated?)") from None
+    if not isinstance(obj, dict): raise error(f"{path} holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
 def file_sha256(path) -> str:
     "The sha256 hex digest of a file's bytes."
     import hashlib
@@ -214,14 +275,6 @@ def file_sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
     return h.hexdigest()
 
-def write_error(path, e: OSError) -> str:
-    "One line for a failed write of `path`: the OS's reason and the free space of its folder."
-    import shutil
-    folder = Path(path).parent
-    while not folder.exists() and folder != folder.parent: folder = folder.parent
-    try: free = f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB free"
-    except OSError: free = 'free space unknown'
-    return f"cannot write {path}: {e.strerror or e} ({free} on {folder})"
 
 # %% ../nbs/api/00_core.ipynb #6aa65472
 def provenance() -> dict:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/02_data.ipynb #89844978
 from __future__ import annotations
-import gzip, zlib, warnings, importlib.util, importlib.resources
+import gzip, zlib, warnings, importlib.util, importlib.resources, inspect
 import hashlib, io, os, pickle, tarfile, tempfile, urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +198,9 @@ def load_data(name: str = 'digits', *, root=None, resolution: int | None = None,
     if split not in SPLITS: raise ConfigError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     _check_positive('resolution', resolution); _check_positive('max_images', max_images)
     if channels not in (None, 1, 3): raise ConfigError(f"channels must be 1 (grey), 3 (RGB) or None, got {channels!r}")
+    if root is not None and 'root' not in inspect.signature(DATASETS[key]).parameters:
+        raise ConfigError(f"data.root={str(root)!r} is given, but {key!r} reads no folder (its images ship with a "
+                          "package): drop data.root, or use data.name=folder for a folder of your own images")
     data = DATASETS[key](root=root, resolution=resolution, channels=channels,
                          max_images=max_images if classes is None else None, split=split, download=download, seed=seed)
     if classes is not None:

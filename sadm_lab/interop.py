@@ -9,12 +9,14 @@ from pathlib import Path
 
 import torch
 
-from .core import SadmError, ConfigError, CheckpointError, atomic_write, atomic_write_text, provenance
+from .core import (SadmError, ConfigError, CheckpointError, atomic_write, atomic_write_text, provenance,
+                           read_json_object)
 
 # %% auto #0
-__all__ = ['DIFFUSERS_VERSION', 'SAFETENSORS_FORMAT', 'to_diffusers_state_dict', 'from_diffusers_state_dict',
-           'diffusers_transformer_config', 'diffusers_scheduler_config', 'sample_with_diffusers', 'export_diffusers',
-           'export_safetensors', 'read_safetensors', 'load_safetensors_model', 'training_compute', 'model_card',
+__all__ = ['DIFFUSERS_VERSION', 'EXPORT_FORMAT', 'EXPORT_ENTRIES', 'SAFETENSORS_FORMAT', 'to_diffusers_state_dict',
+           'from_diffusers_state_dict', 'diffusers_transformer_config', 'diffusers_scheduler_config',
+           'sample_with_diffusers', 'replace_problem', 'check_destination', 'export_diffusers', 'export_safetensors',
+           'read_safetensors_metadata', 'read_safetensors', 'load_safetensors_model', 'training_compute', 'model_card',
            'is_hub_id', 'resolve_diffusers_source', 'is_diffusers_source', 'read_diffusers_config',
            'diffusers_weights_for', 'load_diffusers_dit', 'read_diffusers_weights', 'check_init_fits',
            'diffusers_overrides']
@@ -137,12 +139,43 @@ def sample_with_diffusers(folder, n: int = 16, *, steps: int = 50, class_labels=
     return x.clamp(-1, 1).cpu()
 
 # %% ../nbs/api/14_interop.ipynb #d1e1c77c
-def _write_folder(dest: Path, fill, *, force: bool) -> Path:
+EXPORT_FORMAT = 'sadm_lab-diffusers-1'         # `format` in sadm_lab.json: the marker of an export folder
+EXPORT_ENTRIES = ('transformer', 'scheduler', 'vae', 'model_index.json', 'sadm_lab.json', 'README.md')
+
+def replace_problem(dest, sources=()) -> str | None:
+    """Why `--force` must not replace the existing folder `dest`, or None when it is a previous export that may go:
+    a folder whose `sadm_lab.json` says `EXPORT_FORMAT` and that holds nothing but what an export writes. The run
+    being exported (`sources`: its folder, a checkpoint file) and any folder holding it are never replaced."""
+    dest = Path(dest)
+    if not dest.is_dir(): return "it is not a folder"
+    d = dest.resolve()
+    for s in sources:
+        s = Path(s).resolve()
+        if d == s: return "it is the run being exported"
+        if d in s.parents: return f"it holds {s}, which is being exported"
+    if (dest / 'config.json').is_file() and ((dest / 'checkpoints').is_dir() or (dest / 'metrics.jsonl').is_file()):
+        return "it is a sadm_lab run folder"
+    try: marker = json.loads((dest / 'sadm_lab.json').read_text())
+    except (OSError, ValueError): marker = None
+    if not isinstance(marker, dict) or marker.get('format') != EXPORT_FORMAT:
+        return "it is not a sadm_lab export (no sadm_lab.json marker)"
+    foreign = sorted(p.name for p in dest.iterdir() if p.name not in EXPORT_ENTRIES)
+    if foreign: return f"it holds files an export does not write: {', '.join(foreign[:5])}"
+    return None
+
+def check_destination(dest, *, force: bool, sources=()):
+    "Refuse an existing `dest` without `force`, and with `force` anything `replace_problem` names (see above)."
+    dest = Path(dest)
+    if not (dest.exists() or dest.is_symlink()): return
+    if not force: raise SadmError(f"{dest} already exists; choose a new folder or pass --force to replace it")
+    why = replace_problem(dest, sources)
+    if why: raise SadmError(f"refusing to replace {dest}: {why}. --force replaces only an earlier export; choose "
+                            "a new folder")
+
+def _write_folder(dest: Path, fill, *, force: bool, sources=()) -> Path:
     "Build a folder with `fill(tmp)` next to `dest`, then rename it into place (replacing `dest` only with `force`)."
     dest = Path(dest)
-    if dest.exists() and not force:
-        raise SadmError(f"{dest} already exists; choose a new folder or pass --force to replace it")
-    if dest.exists() and not dest.is_dir(): raise SadmError(f"{dest} exists and is not a folder")
+    check_destination(dest, force=force, sources=sources)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{dest.name}.', suffix='.tmp', dir=dest.parent))
     try:
@@ -166,13 +199,14 @@ def _save_safetensors(sd: dict, path, metadata: dict | None = None):
     atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in sd.items()}, p, metadata=metadata))
 
 def _loaded_run(run_dir, checkpoint, weights):
-    from sadm_lab.train import RunDir, load_run
+    from sadm_lab.train import load_run
     model, diffusion, cfg, _ = load_run(run_dir, checkpoint=checkpoint, weights=weights)
-    path = Path(checkpoint) if checkpoint else RunDir(run_dir).latest_checkpoint()
-    return model, diffusion, cfg, path
+    return model, diffusion, cfg, model.source_checkpoint        # (the file used, after any fallback)
 
 def export_diffusers(run_dir, folder, *, weights: str = 'ema', checkpoint=None, force: bool = False) -> Path:
     "Write a diffusers folder for a run's DiT (see above); returns the folder."
+    sources = [run_dir] + ([checkpoint] if checkpoint else [])
+    check_destination(folder, force=force, sources=sources)           # before any work
     model, diffusion, cfg, ck = _loaded_run(run_dir, checkpoint, weights)
     config = diffusers_transformer_config(model)
     sd = to_diffusers_state_dict(model.state_dict(), model.depth)
@@ -182,7 +216,7 @@ def export_diffusers(run_dir, folder, *, weights: str = 'ema', checkpoint=None, 
         table = torch.zeros(rows, D)
         if key in sd: table[:sd[key].shape[0]] = sd[key]
         sd[key] = table
-    info = {'format': 'sadm_lab-diffusers-1', 'time_freq_shift': model.time_freq_shift,
+    info = {'format': EXPORT_FORMAT, 'time_freq_shift': model.time_freq_shift,
             'num_classes': model.num_classes, 'null_class': model.null_class is not None,
             'image_size': model.input_size, 'channels': model.in_channels, 'learn_sigma': model.learn_sigma,
             'sampler': {'sampler': cfg.sample.sampler, 'steps': cfg.sample.steps, 'cfg_scale': cfg.sample.cfg_scale},
@@ -207,7 +241,7 @@ def export_diffusers(run_dir, folder, *, weights: str = 'ema', checkpoint=None, 
             (tmp / 'model_index.json').write_text(json.dumps(index, indent=2) + '\n')
         (tmp / 'sadm_lab.json').write_text(json.dumps(info, indent=2) + '\n')
         (tmp / 'README.md').write_text(card)
-    return _write_folder(folder, fill, force=force)
+    return _write_folder(folder, fill, force=force, sources=sources)
 
 # %% ../nbs/api/14_interop.ipynb #def5379d
 SAFETENSORS_FORMAT = 'sadm_lab-weights-1'
@@ -219,6 +253,12 @@ def export_safetensors(run_dir, file, *, weights: str = 'ema', checkpoint=None, 
     card_path = file.with_suffix('.md')
     for p in (file, card_path):
         if p.exists() and not force: raise SadmError(f"{p} already exists; pass --force to replace it")
+    if force and file.exists() and _safetensors_format(file) != SAFETENSORS_FORMAT:
+        raise SadmError(f"refusing to replace {file}: it is not a sadm_lab export (no '{SAFETENSORS_FORMAT}' "
+                        "metadata). --force replaces only an earlier export; choose another name")
+    if force and card_path.exists() and not file.exists():
+        raise SadmError(f"refusing to replace {card_path}: no export {file.name} beside it, so it is not its model "
+                        "card; choose another name")
     model, diffusion, cfg, ck = _loaded_run(run_dir, checkpoint, weights)
     meta = {'format': SAFETENSORS_FORMAT, 'config': json.dumps(cfg.to_dict()), 'weights': weights,
             'checkpoint': ck.name, 'step': str(_checkpoint_step(ck)), 'exported_with': json.dumps(provenance()),
@@ -228,6 +268,11 @@ def export_safetensors(run_dir, file, *, weights: str = 'ema', checkpoint=None, 
     atomic_write_text(card_path, model_card(run_dir, model, cfg, checkpoint=ck, weights=weights, file=file))
     return file
 
+def _safetensors_format(file) -> str | None:
+    "The `format` metadata of a safetensors file, or None when it has none or is not one."
+    try: return read_safetensors_metadata(file).get('format')
+    except SadmError: return None
+
 def _data_classes(cfg, model) -> int:
     "The dataset's class count as `build_network` needs it (the model's, when it is class-conditional)."
     return model.num_classes if cfg.data.conditional else 0
@@ -235,6 +280,14 @@ def _data_classes(cfg, model) -> int:
 def _checkpoint_step(path) -> int | None:
     m = re.search(r'ckpt-(\d+)\.pt$', str(path))
     return int(m.group(1)) if m else None
+
+def read_safetensors_metadata(file) -> dict:
+    "The metadata of a safetensors file (its header only; no tensor is read)."
+    from safetensors import safe_open
+    try:
+        with safe_open(str(file), framework='pt') as f: return dict(f.metadata() or {})
+    except Exception as e:
+        raise CheckpointError(f"cannot read {file} as safetensors: {type(e).__name__}: {e}") from e
 
 def read_safetensors(file) -> tuple[dict, dict]:
     "(state dict, metadata) of a safetensors file, with errors that name it."
@@ -387,12 +440,17 @@ def resolve_diffusers_source(source) -> Path:
     return p
 
 def is_diffusers_source(source) -> bool:
-    "Whether `source` is a local diffusers DiT folder (a transformer folder or a pipeline folder)."
+    """Whether `source` is a local diffusers DiT folder (a transformer folder or a pipeline folder). A folder with a
+    config.json that does not parse counts as one unless it is a sadm_lab run folder, so that reading it says what is
+    wrong with that config instead of looking for a checkpoint."""
     p = Path(source)
+    if not p.is_dir() or (p / 'checkpoints').is_dir() or (p / 'metrics.jsonl').is_file(): return False
     for c in (p / 'config.json', p / 'transformer' / 'config.json'):
-        if p.is_dir() and c.is_file():
-            try: return json.loads(c.read_text()).get('_class_name') == 'DiTTransformer2DModel'
-            except (json.JSONDecodeError, UnicodeDecodeError): return False
+        if c.is_file():
+            try: obj = json.loads(c.read_text())
+            except (OSError, ValueError): return True           # broken: `read_diffusers_config` says how
+            if not isinstance(obj, dict): return True
+            return obj.get('_class_name') == 'DiTTransformer2DModel'
     return False
 
 def _diffusers_weights(folder: Path) -> dict:
@@ -413,7 +471,7 @@ def _diffusers_weights(folder: Path) -> dict:
 def read_diffusers_config(source) -> tuple[Path, dict]:
     "(transformer folder, `DiT` arguments) of a diffusers DiT; unsupported settings refused with the reason."
     folder = resolve_diffusers_source(source)
-    c = json.loads((folder / 'config.json').read_text())
+    c = read_json_object(folder / 'config.json', CheckpointError)
     if c.get('_class_name') != 'DiTTransformer2DModel':
         raise CheckpointError(f"{folder} holds a {c.get('_class_name')!r}, not a DiTTransformer2DModel")
     c = {'norm_type': 'ada_norm_zero', 'activation_fn': 'gelu-approximate', 'attention_bias': True,
@@ -426,19 +484,28 @@ def read_diffusers_config(source) -> tuple[Path, dict]:
     if outc not in (inc, 2 * inc): bad.append(f"out_channels={outc} (must be in_channels or twice it)")
     if bad: raise CheckpointError(f"{folder}: unsupported DiTTransformer2DModel settings: " + '; '.join(bad))
     side = folder.parent / 'sadm_lab.json'          # written by export_diffusers: the model's own conventions
-    info = json.loads(side.read_text()) if side.is_file() else {}
-    kw = dict(input_size=c['sample_size'], patch_size=c['patch_size'], in_channels=inc,
-              hidden_size=c['num_attention_heads'] * c['attention_head_dim'], depth=c['num_layers'],
-              num_heads=c['num_attention_heads'], mlp_ratio=4.0,
-              num_classes=info.get('num_classes', c['num_embeds_ada_norm']),
-              class_dropout_prob=0.1 if info.get('null_class', True) else 0.0, learn_sigma=outc == 2 * inc,
-              time_freq_shift=info.get('time_freq_shift', 1))
+    info = read_json_object(side, CheckpointError) if side.is_file() else {}
+    missing = [k for k in ('num_attention_heads', 'attention_head_dim', 'num_layers') if k not in c]
+    if missing:
+        raise CheckpointError(f"{folder / 'config.json'} has no {', '.join(missing)}: not a complete DiT config")
+    try:
+        kw = dict(input_size=int(c['sample_size']), patch_size=int(c['patch_size']), in_channels=int(inc),
+                  hidden_size=int(c['num_attention_heads']) * int(c['attention_head_dim']), depth=int(c['num_layers']),
+                  num_heads=int(c['num_attention_heads']), mlp_ratio=4.0,
+                  num_classes=int(info.get('num_classes', c['num_embeds_ada_norm'])),
+                  class_dropout_prob=0.1 if info.get('null_class', True) else 0.0, learn_sigma=outc == 2 * inc,
+                  time_freq_shift=info.get('time_freq_shift', 1))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: a size is not a number ({e})") from None
     return folder, kw
 
 # %% ../nbs/api/14_interop.ipynb #3757b291
 def diffusers_weights_for(model, sd: dict, *, source='diffusers folder') -> dict:
     "A diffusers DiT state dict in `model`'s keys: shared embedders checked, the label table cut to `model`'s rows."
-    out = from_diffusers_state_dict(sd, model.depth, model.input_size // model.patch_size)
+    try: out = from_diffusers_state_dict(sd, model.depth, model.input_size // model.patch_size)
+    except KeyError as e:
+        raise CheckpointError(f"{source}: its weights do not match its config.json (a {model.depth}-block DiT): no "
+                              f"weight {e.args[0]!r}; the weights file belongs to another model") from None
     key = 'y_embedder.embedding_table.weight'
     if model.y_embedder is None:
         if key in out and out[key].abs().max() > 0:
@@ -508,7 +575,7 @@ def _data_overrides(source, kw) -> dict:
     vae = folder.parent / 'vae'
     if not (vae / 'config.json').is_file():
         return {'data.resolution': kw['input_size'], 'data.channels': kw['in_channels']}
-    c = json.loads((vae / 'config.json').read_text())
+    c = read_json_object(vae / 'config.json', CheckpointError)
     factor = 2 ** (len(c.get('block_out_channels', [0])) - 1)
     return {'data.vae': str(vae), 'data.resolution': kw['input_size'] * factor,
             'data.channels': c.get('in_channels', 3)}

@@ -525,7 +525,10 @@ def load_reference_stats(path, *, num_features: int | None = 2048) -> ReferenceS
     if not path.is_file(): raise DataError(f"reference statistics {path} do not exist")
     hint = "expected an .npz with 'mu' (D,) and 'sigma' (D, D) (ADM / pytorch-fid / clean-fid format)"
     try: z = np.load(path, allow_pickle=False)
-    except Exception as e: raise DataError(f"cannot read {path} as .npz ({type(e).__name__}: {e}); {hint}") from e
+    except ValueError as e:                      # numpy's advice here is to unpickle it: never
+        if 'allow_pickle' not in str(e): raise DataError(f"cannot read {path} as .npz ({e}); {hint}") from None
+        raise DataError(f"cannot read {path} as .npz: it is text, a pickle (never loaded) or not numpy's; {hint}") from None
+    except Exception as e: raise DataError(f"cannot read {path} as .npz ({type(e).__name__}: {e}); {hint}") from None
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise DataError(f"{path} holds a single array, not an .npz archive; {hint}")
     with z:

@@ -4,14 +4,15 @@
 
 # %% ../nbs/api/06_train.ipynb #44986bb6
 from __future__ import annotations
-import contextlib, functools, importlib.util, inspect, json, math, os, signal, socket, sys, threading, time, warnings
+import contextlib, functools, importlib.util, inspect, json, math, os, shutil, signal, socket, sys, threading, time
+import warnings
 from copy import deepcopy
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .core import (SadmError, ConfigError, CheckpointError, atomic_torch_save, atomic_write_json,
+from .core import (SadmError, ConfigError, CheckpointError, StorageError, atomic_torch_save, atomic_write_json,
                            atomic_write_text, safe_torch_load, get_device, peak_memory_mb, seeded, check_choice,
                            provenance, file_sha256, write_error)
 from .config import (WEIGHTS, TRACKERS, PRECISIONS, RunConfig, load_config, check_resumable, validate,
@@ -27,12 +28,13 @@ from .sample import generate
 from .viz import save_image_grid
 
 # %% auto #0
-__all__ = ['TRACKER_PACKAGES', 'build_data', 'build_reference_data', 'build_network', 'build_diffusion', 'EMA', 'BatchStream',
-           'step_generator', 'Callback', 'RunDir', 'NonFiniteError', 'RunLockedError', 'DivergenceWarning', 'RunLock',
-           'check_state_dict', 'load_weights', 'checkpoint_weights', 'read_weights', 'make_evaluator',
-           'check_eval_settings', 'check_distributed', 'make_accelerator', 'Trainer', 'LogWindow', 'sampling_precision',
-           'latent_sampling', 'TrackerWarning', 'check_tracker', 'accelerator_trackers', 'tracker_config',
-           'training_clock', 'training_time', 'load_run', 'lr_at']
+__all__ = ['TRACKER_PACKAGES', 'STOP_SIGNALS', 'build_data', 'build_reference_data', 'build_network', 'build_diffusion', 'EMA',
+           'BatchStream', 'step_generator', 'Callback', 'RunDir', 'NonFiniteError', 'RunLockedError',
+           'DivergenceWarning', 'RunLock', 'load_training_checkpoint', 'fallback_note', 'check_state_dict',
+           'load_weights', 'checkpoint_weights', 'read_weights', 'make_evaluator', 'check_eval_settings',
+           'check_distributed', 'make_accelerator', 'Trainer', 'LogWindow', 'sampling_precision', 'latent_sampling',
+           'TrackerWarning', 'check_tracker', 'accelerator_trackers', 'tracker_config', 'Interrupted', 'training_clock',
+           'training_time', 'load_run', 'lr_at']
 
 # %% ../nbs/api/06_train.ipynb #5cae7f52
 def build_data(cfg: RunConfig, split: str = 'train') -> ImageData:
@@ -184,27 +186,46 @@ class RunDir:
         except (OSError, json.JSONDecodeError, KeyError, TypeError): return None
 
     def checkpoint_problem(self, path) -> str | None:
-        """Why `path` cannot be resumed from (missing, a checksum that does not match, unreadable), or None. A
-        checkpoint without a `.sha256` file (written before checksums existed) must at least load."""
+        "Why `path` cannot be used before it is even loaded (missing, a checksum that does not match), or None."
         path = Path(path)
         if not path.is_file(): return 'missing'
         side = self.checksum_path(path)
         if side.is_file():
             want = (side.read_text().split() or [''])[0]
-            return None if file_sha256(path) == want else 'its sha256 does not match (corrupt or truncated)'
-        try: safe_torch_load(path)
-        except CheckpointError as e: return str(e).split(': ', 1)[-1].split('. ')[0]
+            if file_sha256(path) != want: return 'its sha256 does not match (corrupt or truncated)'
         return None
 
-    def resume_checkpoint(self) -> tuple[Path | None, list[tuple[Path, str]]]:
-        """(the checkpoint to resume from, [(unusable checkpoint, why), ...]): the one `latest.json` names, else the
-        newest other one that passes `checkpoint_problem`."""
+    def usable_checkpoint(self) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
+        """(checkpoint, its contents, [(unusable checkpoint, why), ...]): the one `latest.json` names, else the
+        newest other one that passes its checksum *and* loads as a sadm_lab training checkpoint. A file that is
+        missing, corrupt, truncated or refused by the safe loader is skipped the same way, by resume, `load_run`
+        (sample, eval, export) and `train.init_from` alike."""
         named, problems = self.named_checkpoint(), []
         for ck in ([named] if named else []) + [c for c in reversed(self.checkpoints()) if c != named]:
             why = self.checkpoint_problem(ck)
-            if why is None: return ck, problems
+            if why is None:
+                try: return ck, load_training_checkpoint(ck), problems
+                except CheckpointError as e: why = str(e).split(': ', 1)[-1].split('. ')[0]
             problems.append((ck, why))
-        return None, problems
+        return None, None, problems
+
+    def resume_checkpoint(self) -> tuple[Path | None, list[tuple[Path, str]]]:
+        "(the checkpoint `usable_checkpoint` finds, the unusable ones), without its contents."
+        ck, _, problems = self.usable_checkpoint()
+        return ck, problems
+
+    @property
+    def keep_path(self): return self.ckpt_dir / 'keep.json'
+
+    def protected_checkpoints(self) -> dict:
+        "{file name: why} of the checkpoints that rotation never removes (the last one before a divergence)."
+        try: kept = json.loads(self.keep_path.read_text())
+        except (OSError, ValueError): return {}
+        return kept if isinstance(kept, dict) else {}
+
+    def protect(self, ckpt, why: str):
+        "Keep `ckpt` out of rotation, with the reason, in `checkpoints/keep.json`."
+        atomic_write_json(self.keep_path, {**self.protected_checkpoints(), Path(ckpt).name: why})
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.is_file(): return []
@@ -286,14 +307,19 @@ class RunLock:
                                  "that process is gone, e.g. a job moved to another node, delete the lock file)")
 
     def acquire(self):
-        "Create the lock file atomically; take over a stale one (reported in one line)."
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Create the lock file atomically (and its folder); take over a stale one (reported in one line). A folder
+        that cannot be written is a `StorageError` naming it and its free space."""
         import secrets
         token = secrets.token_hex(8)
         info = {'pid': os.getpid(), 'host': socket.gethostname(), 'since': time.strftime('%Y-%m-%d %H:%M:%S'),
                 'token': token}
         tmp = self.path.with_name(f'.{self.path.name}.{os.getpid()}.{token}.tmp')
-        tmp.write_text(json.dumps(info))                 # complete before it becomes the lock: never read half-written
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(info))             # complete before it becomes the lock: never read half-written
+        except OSError as e:
+            with contextlib.suppress(OSError): tmp.unlink(missing_ok=True)
+            raise StorageError(write_error(self.path, e)) from None
         try:
             for _ in range(3):
                 try: self._create(tmp)                   # atomic, and fails if a lock exists
@@ -308,11 +334,18 @@ class RunLock:
                 _HELD_TOKENS.add(token)
                 self.held, self.token = True, token
                 return self
-        finally: tmp.unlink(missing_ok=True)
+        except OSError as e:
+            if isinstance(e, SadmError): raise
+            raise StorageError(write_error(self.path, e)) from None
+        finally:
+            with contextlib.suppress(OSError): tmp.unlink(missing_ok=True)
         raise RunLockedError(f"could not take the lock {self.path}: another process keeps creating it")
 
     def release(self):
-        if self.held: self.path.unlink(missing_ok=True)
+        """Remove the lock file. In a folder made read-only since, it stays: it is then stale (this process ends),
+        and the next start on the folder takes it over."""
+        if self.held:
+            with contextlib.suppress(OSError): self.path.unlink(missing_ok=True)
         _HELD_TOKENS.discard(getattr(self, 'token', None))
         self.held = False
 
@@ -327,6 +360,19 @@ class RunLock:
         with os.fdopen(fd, 'w') as f: f.write(tmp.read_text())
 
 # %% ../nbs/api/06_train.ipynb #09081fb7
+def load_training_checkpoint(path) -> dict:
+    "A sadm_lab training checkpoint's contents (tensors and containers only); `CheckpointError` for anything else."
+    ck = safe_torch_load(path)
+    if not isinstance(ck, dict) or ck.get('format') != 'sadm_lab-ckpt-1':
+        raise CheckpointError(f"cannot load checkpoint {path}: it is not a sadm_lab training checkpoint")
+    return ck
+
+def fallback_note(used: Path | None, problems: list[tuple[Path, str]], step=None) -> str:
+    "One line: which checkpoints were skipped and why, and which one (and step) was used instead."
+    bad = ', '.join(f"{p.name} is unusable ({why})" for p, why in problems)
+    if used is None: return bad
+    return f"{bad}; using {used.name}" + (f" (step {step})" if step is not None else '') + " instead"
+
 def check_state_dict(model: nn.Module, sd: dict, source: str = 'checkpoint'):
     "Raise `CheckpointError` naming missing, unexpected and mis-shaped keys between `model` and `sd`."
     own = model.state_dict()
@@ -367,11 +413,14 @@ def read_weights(path, *, weights: str = 'model', like: nn.Module | None = None)
     path = Path(path)
     if path.suffix == '.safetensors': return interop.read_safetensors(path)[0]
     if path.is_dir():
-        ck_path = RunDir(path).latest_checkpoint()
-        if ck_path is None:
-            raise CheckpointError(f"{path} holds no checkpoint (expected a run folder or a checkpoint file)")
-        path = ck_path
-    ck = safe_torch_load(path)
+        run = RunDir(path)
+        path, ck, problems = run.usable_checkpoint()
+        if path is None:
+            raise CheckpointError(f"{run.path} holds no " + ("usable checkpoint (" + '; '.join(
+                f"{p.name}: {why}" for p, why in problems) + ")" if problems else
+                "checkpoint (expected a run folder, a checkpoint file, a .safetensors file or a diffusers folder)"))
+        if problems: print(f"sadm_lab: {fallback_note(path, problems, ck.get('step'))}", file=sys.stderr)
+    else: ck = safe_torch_load(path)
     if not isinstance(ck, dict): raise CheckpointError(f"{path} holds a {type(ck).__name__}, not a state dict")
     if ck.get('format') == 'sadm_lab-ckpt-1': return checkpoint_weights(ck, weights)
     if all(torch.is_tensor(v) for v in ck.values()): return ck                 # plain state dict (official DiT files)
@@ -408,6 +457,9 @@ def check_eval_settings(data: ImageData, *, features: str, n: int | None, refere
                               "(eval.reference_stats) do not have: drop one of the two")
         if not Path(reference_stats).expanduser().is_file():
             raise ConfigError(f"eval.reference_stats={reference_stats!r}: no such file")
+        from sadm_lab.metrics import load_reference_stats
+        try: load_reference_stats(reference_stats, num_features=2048)   # shape, dtype, values, no pickle: now
+        except SadmError as e: raise ConfigError(f"eval.reference_stats: {e}") from None
     _check_eval_data(data, features=features, n=None if reference_stats else n)
 
 def _check_eval_data(data: ImageData, *, features: str, n: int | None):
@@ -481,60 +533,67 @@ class Trainer:
         check_distributed(self.acc)
         self.device, self.is_main = self.acc.device, self.acc.is_main_process
         self.notes: list[tuple[str, str]] = []               # (event, one line) said at construction, logged by `fit`
-        with self.acc.main_process_first():                 # (the main process sets bad checkpoints aside first)
-            self.resume_from = self._prepare_run_dir(resume)  # the checkpoint to continue from, or None
-        self.schedule = self._resolve_schedule(schedule)
-        with self.acc.main_process_first():                 # one process downloads/prepares data, the others read it
-            self.data = data if data is not None else build_data(cfg)
-            self.eval_data = (build_reference_data(cfg) if data is None and cfg.data.max_images is not None
-                              and cfg.eval.enabled else self.data)   # the feature network's data
-            self.fid_reference = (build_reference_data(cfg, split='test') if cfg.eval.enabled
-                                  and cfg.eval.reference == 'test' else None)   # FID's reals, if not eval_data
-        if len(self.data) < 2:
-            raise SadmError(f"dataset {cfg.data.name!r} has {len(self.data)} images; need at least 2")
-        self.pixel_data, self.codec = self.data, None         # latent runs: the images, and the VAE (`sadm_lab.latent`)
-        if cfg.data.vae:
-            from sadm_lab.latent import run_codec, latent_data
-            self.codec = run_codec(cfg, device=self.device)
-            with self.acc.main_process_first():             # one process encodes, the others read the cache
-                self.data = latent_data(cfg, self.pixel_data, self.codec, progress=progress and self.is_main)
-        with seeded(tc.seed): net = build_network(cfg, self.data)     # the initial weights depend on the seed only
-        if tc.init_from and self.resume_from is None:       # on resume the run's own checkpoint wins
-            load_weights(net, read_weights(tc.init_from, weights=tc.init_weights, like=net),
-                         source=f"train.init_from={tc.init_from}")
-        self.diffusion = build_diffusion(cfg)
-        self.ema = EMA(net, tc.ema_decay).to(self.device) if tc.ema_decay > 0 else None
-        if tc.grad_checkpointing: net.set_grad_checkpointing(True)
-        try: check_sdpa_backend(tc.sdpa_backend, self.device)
-        except ValueError as e: raise ConfigError(f"train.sdpa_backend: {e}") from None
-        opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay,
-                                fused=True if tc.fused_adamw else None)
-        self.unwrapped = net                                 # the bare network: EMA, checkpoints, sampling, objectives
-        self.model, self.opt = self.acc.prepare(net, opt)    # `model` is DDP-wrapped under accelerate launch
-        self.stream = BatchStream(len(self.data), tc.batch_size, seed=tc.seed, rank=self.acc.process_index,
-                                  world_size=self.acc.num_processes, grad_accum=tc.grad_accum)
-        self.objectives = build_objectives(cfg, self.schedule, net=net, diffusion=self.diffusion, device=self.device,
-                                           sample_shape=tuple(self.data.images.shape[1:]),
-                                           processes=self.acc.num_processes, micro_batch=self.stream.micro,
-                                           heldout=lambda: self.heldout_model_data or self.data, data=lambda: self.data)
-        if tc.compile: self.model = torch.compile(self.model)
-        self.step, self.stop_requested, self.interrupted = 0, False, False
-        self.nonfinite_run = self.nonfinite_total = self._nonfinite_window = 0   # skipped steps (see "Faults")
-        self._loss_level, self._loss_lines, self._diverge_warned = None, 0, False
-        self.resumed_at: str | None = None                   # the checkpoint file `fit` logs a 'resume' event for
-        self.saved_step: int | None = None                   # the step of the last checkpoint written or loaded
-        self._evaluator = None                               # built at the first evaluation (`evaluator`)
-        if cfg.eval.enabled:
-            ec = cfg.eval
-            check_eval_settings(self.fid_reference or self.eval_data, features=ec.features,
-                                n=ec.num_samples, reference_stats=ec.reference_stats,
-                                precision_recall=ec.precision_recall)
-        if self.resume_from is not None: self.load_checkpoint(self.resume_from)
-        for g in self.opt.param_groups: g['fused'] = True if tc.fused_adamw else None   # (a resume may change it)
-        if self.step > tc.steps:
-            raise ConfigError(f"the checkpoint is at step {self.step}, beyond train.steps={tc.steps}: "
-                              f"resume with train.steps >= {self.step}")
-        self._write_run_files()
+        self.exit_on_second_signal = False                  # the CLI's choice (see "Faults")
+        self.claimed, self._lock = None, None                # (the folder as this trainer left it; the lock in `fit`)
+        self._resume_state = None                            # (the checkpoint `_prepare_run_dir` chose, loaded)
+        with self.claim():                                   # the lock, from before the folder is read to its config
+            with self.acc.main_process_first():                 # (the main process sets bad checkpoints aside first)
+                self.resume_from = self._prepare_run_dir(resume)  # the checkpoint to continue from, or None
+            self.schedule = self._resolve_schedule(schedule)
+            with self.acc.main_process_first():             # one process downloads/prepares data, the others read it
+                self.data = data if data is not None else build_data(cfg)
+                self.eval_data = (build_reference_data(cfg) if data is None and cfg.data.max_images is not None
+                                  and cfg.eval.enabled else self.data)   # the feature network's data
+                self.fid_reference = (build_reference_data(cfg, split='test') if cfg.eval.enabled
+                                      and cfg.eval.reference == 'test' else None)   # FID's reals, if not eval_data
+            if len(self.data) < 2:
+                raise SadmError(f"dataset {cfg.data.name!r} has {len(self.data)} images; need at least 2")
+            self.pixel_data, self.codec = self.data, None   # latent runs: the images, and the VAE (`sadm_lab.latent`)
+            if cfg.data.vae:
+                from sadm_lab.latent import run_codec, latent_data
+                self.codec = run_codec(cfg, device=self.device)
+                with self.acc.main_process_first():             # one process encodes, the others read the cache
+                    self.data = latent_data(cfg, self.pixel_data, self.codec, progress=progress and self.is_main)
+            with seeded(tc.seed): net = build_network(cfg, self.data)     # the initial weights depend on the seed only
+            if tc.init_from and self.resume_from is None:       # on resume the run's own checkpoint wins
+                load_weights(net, read_weights(tc.init_from, weights=tc.init_weights, like=net),
+                             source=f"train.init_from={tc.init_from}")
+            self.diffusion = build_diffusion(cfg)
+            self.ema = EMA(net, tc.ema_decay).to(self.device) if tc.ema_decay > 0 else None
+            if tc.grad_checkpointing: net.set_grad_checkpointing(True)
+            try: check_sdpa_backend(tc.sdpa_backend, self.device)
+            except ValueError as e: raise ConfigError(f"train.sdpa_backend: {e}") from None
+            opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                    weight_decay=tc.weight_decay, fused=True if tc.fused_adamw else None)
+            self.unwrapped = net                            # the bare network: EMA, checkpoints, sampling, objectives
+            self.model, self.opt = self.acc.prepare(net, opt)    # `model` is DDP-wrapped under accelerate launch
+            self.stream = BatchStream(len(self.data), tc.batch_size, seed=tc.seed, rank=self.acc.process_index,
+                                      world_size=self.acc.num_processes, grad_accum=tc.grad_accum)
+            self.objectives = build_objectives(cfg, self.schedule, net=net, diffusion=self.diffusion,
+                                               device=self.device, sample_shape=tuple(self.data.images.shape[1:]),
+                                               processes=self.acc.num_processes, micro_batch=self.stream.micro,
+                                               heldout=lambda: self.heldout_model_data or self.data,
+                                               data=lambda: self.data)
+            if tc.compile: self.model = torch.compile(self.model)
+            self.step, self.stop_requested, self.interrupted = 0, False, 0   # (interrupted: the signal's number)
+            self.nonfinite_run = self.nonfinite_total = self._nonfinite_window = 0   # skipped steps (see "Faults")
+            self._loss_level, self._diverging, self._diverge_warned = None, False, False   # (see "Faults")
+            self._healthy_step = self._diverged_at = self._protected = None
+            self.resumed_at: str | None = None                   # the checkpoint file `fit` logs a 'resume' event for
+            self.saved_step: int | None = None                   # the step of the last checkpoint written or loaded
+            self._evaluator = None                               # built at the first evaluation (`evaluator`)
+            if cfg.eval.enabled:
+                ec = cfg.eval
+                check_eval_settings(self.fid_reference or self.eval_data, features=ec.features,
+                                    n=ec.num_samples, reference_stats=ec.reference_stats,
+                                    precision_recall=ec.precision_recall)
+            if self.resume_from is not None: self.load_checkpoint(self.resume_from, self._resume_state)
+            self._resume_state = None                            # (the loaded checkpoint's memory back)
+            for g in self.opt.param_groups: g['fused'] = True if tc.fused_adamw else None   # (a resume may change it)
+            if self.step > tc.steps:
+                raise ConfigError(f"the checkpoint is at step {self.step}, beyond train.steps={tc.steps}: "
+                                  f"resume with train.steps >= {self.step}")
+            self._write_run_files()
 
     @property
     def sampling_model(self) -> nn.Module:
@@ -550,10 +609,49 @@ class Trainer:
                 f"{self.acc.num_processes} process(es) on {self.device}):\n" + self.schedule.describe())
 
 # %% ../nbs/api/06_train.ipynb #5f5a0594
+@contextlib.contextmanager
+def _claim(self):
+    """Hold the run folder's lock (main process) while the body reads the folder and writes its config, so that two
+    starts on one folder leave one run whose config and checkpoints agree. On an error the folder is left as it was:
+    the lock released and a folder this call created removed (it then holds nothing). `fit` takes the lock again."""
+    self._found = sorted(p.name for p in self.run.path.iterdir()) if self.run.path.is_dir() else None
+    if not self.is_main:
+        yield
+        return
+    created = not self.run.path.exists()
+    try: lock = RunLock(self.run.path).acquire()
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError): self.run.path.rmdir()      # (made by `acquire`, if it got that far)
+        raise
+    try: yield
+    except BaseException:
+        if created:                                      # all it holds was written by this call, under the lock
+            for p in [p for p in self.run.path.iterdir() if p.name != 'lock']:
+                with contextlib.suppress(OSError): shutil.rmtree(p) if p.is_dir() else p.unlink()
+        lock.release()
+        if created:
+            with contextlib.suppress(OSError): self.run.path.rmdir()      # (only if empty)
+        raise
+    self.claimed = self.folder_state()
+    lock.release()
+
+def _folder_state(self) -> tuple:
+    "What another writer would change: the bytes of config.json and latest.json (None where missing)."
+    def read(p):
+        try: return p.read_bytes()
+        except OSError: return None
+    return read(self.run.config_path), read(self.run.ckpt_dir / 'latest.json')
+
+def _run_files(path: Path) -> list[Path]:
+    """A folder's entries other than what a start killed before its config was written leaves: the lock,
+    schedule.json and the temp files of interrupted writes."""
+    return [p for p in path.iterdir() if p.name not in ('lock', 'schedule.json')
+            and not (p.name.startswith('.') and p.name.endswith('.tmp'))]
+
 def _prepare_run_dir(self, resume) -> Path | None:
     "Check the run folder against `resume`; return the checkpoint to resume from (None for a fresh run)."
     run = self.run
-    if self.is_main: RunLock(run.path).check()               # another process writing the folder: fail at once
     if run.config_path.is_file():
         saved = load_config(run.config_path)
         named = run.named_checkpoint()
@@ -563,14 +661,14 @@ def _prepare_run_dir(self, resume) -> Path | None:
                                 "one): start it again with --resume (resume=True), or choose another folder")
             raise SadmError(f"run folder {run.path} already holds a run; resume it (--resume) or choose another folder")
         check_resumable(saved, self.cfg)
-        ck, problems = run.resume_checkpoint()
+        ck, self._resume_state, problems = run.usable_checkpoint()
         if problems and ck is None:
             raise CheckpointError(f"cannot resume {run.path}: no usable checkpoint (" +
                                   '; '.join(f"{p.name}: {why}" for p, why in problems) + ")")
         if problems:
             bad = ', '.join(f"{p.name} is unusable ({why})" for p, why in problems)
-            self.notes.append(('checkpoint_fallback', f"{bad}; resuming from {ck.name} instead (the unusable files are "
-                               "kept as *.corrupt)"))
+            self.notes.append(('checkpoint_fallback', f"{bad}; resuming from {ck.name} (step "
+                               f"{self._resume_state.get('step')}) instead (the unusable files are kept as *.corrupt)"))
             if self.is_main:
                 for p, _ in problems:
                     for f in (p, run.checksum_path(p)):
@@ -581,9 +679,17 @@ def _prepare_run_dir(self, resume) -> Path | None:
         for _, msg in self.notes:
             if self.is_main: print(f"sadm_lab: {msg}", file=sys.stderr)
         return ck
-    if resume: raise SadmError(f"cannot resume: {run.path} holds no run (no config.json)")
-    if run.path.exists() and any(run.path.iterdir()):
-        raise SadmError(f"{run.path} exists and is not a sadm_lab run folder; choose an empty or new folder")
+    others = _run_files(run.path) if run.path.is_dir() else []
+    if others:
+        raise SadmError(f"{'cannot resume: ' if resume else ''}{run.path} exists and is not a sadm_lab run folder (it "
+                        f"holds {', '.join(sorted(p.name for p in others)[:3])} but no config.json); choose an empty "
+                        "or new folder")
+    if resume and not self._found:                       # no folder, or an empty one: nothing to restart
+        raise SadmError(f"cannot resume: {run.path} holds no run (no config.json)")
+    if resume:                                           # killed during start-up, before its config was written
+        self.notes.append(('no_config', f"{run.path} holds no config yet (stopped during start-up): starting from "
+                           "step 0"))
+        if self.is_main: print(f"sadm_lab: {self.notes[-1][1]}", file=sys.stderr)
     return None
 
 def _resolve_schedule(self, schedule: Schedule | None) -> Schedule:
@@ -603,10 +709,11 @@ def _write_run_files(self):
     self.acc.wait_for_everyone()
     if self.is_main:
         self.run.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.run.config_path, self.cfg.to_dict())
         atomic_write_json(self.run.schedule_path, self.schedule.to_dict())
+        atomic_write_json(self.run.config_path, self.cfg.to_dict())      # last: a folder with a config is a run
     self.acc.wait_for_everyone()
 
+Trainer.claim, Trainer.folder_state = _claim, _folder_state
 Trainer._prepare_run_dir, Trainer._resolve_schedule, Trainer._write_run_files = (_prepare_run_dir, _resolve_schedule,
                                                                                  _write_run_files)
 
@@ -628,7 +735,14 @@ def _weights_finite(self) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in ts]).all()) if ts else True
 
 def _last_checkpoint_note(self) -> str:
+    "The checkpoint to go back to: the last one before this `fit`'s divergence, if the loss diverged, else the latest."
     ck = self.run.latest_checkpoint() if self.is_main else None
+    if self._diverged_at is not None:
+        if self._protected is None:
+            return f"no checkpoint was written before the loss diverged at step {self._diverged_at}"
+        return (f"the last checkpoint before the loss diverged at step {self._diverged_at} is {self._protected} "
+                f"(step {_ckpt_step(self._protected)}; kept from rotation, see {self.run.keep_path.name})"
+                + (", later ones were written after it" if ck is not None and ck != self._protected else ''))
     return f"the last checkpoint is {ck} (step {self.saved_step})" if ck is not None and self.saved_step is not None \
         else "no checkpoint was written yet"
 
@@ -649,8 +763,10 @@ def _save_checkpoint(self) -> Path | None:
             atomic_write_json(self.run.ckpt_dir / 'latest.json', {'file': path.name, 'step': self.step,
                                                                   'sha256': digest})
         except OSError as e: raise CheckpointError(write_error(path, e)) from None
+        self.claimed = self.folder_state()              # (this trainer's own write: `fit` expects it)
+        keep = self.run.protected_checkpoints()
         for old in self.run.checkpoints()[:-self.cfg.train.keep_checkpoints]:
-            if old != path:
+            if old != path and old.name not in keep:
                 old.unlink(missing_ok=True)
                 self.run.checksum_path(old).unlink(missing_ok=True)
         for cb in self.callbacks: cb.on_checkpoint(self, path)
@@ -658,11 +774,9 @@ def _save_checkpoint(self) -> Path | None:
     self.acc.wait_for_everyone()
     return path
 
-def _load_checkpoint(self, path):
-    "Restore network, EMA, optimiser, objectives and step from a checkpoint of this run."
-    ck = safe_torch_load(path)
-    if not isinstance(ck, dict) or ck.get('format') != 'sadm_lab-ckpt-1':
-        raise CheckpointError(f"{path} is not a sadm_lab training checkpoint")
+def _load_checkpoint(self, path, state: dict | None = None):
+    "Restore network, EMA, optimiser, objectives and step from a checkpoint of this run (`state`: already loaded)."
+    ck = state if state is not None else load_training_checkpoint(path)
     load_weights(self.unwrapped, ck['model'], source=str(path))
     if self.ema is not None and ck.get('ema') is not None: load_weights(self.ema, ck['ema'], source=f"{path} (EMA)")
     states = dict(ck.get('objectives') or {})
@@ -746,7 +860,8 @@ def _train_step(self) -> dict:
             mask_ratio = mb.view.ratio if mb.view is not None else 0.0
         gnorm = self.acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float('inf'))
         gnorm = gnorm.detach() if torch.is_tensor(gnorm) else torch.tensor(float(gnorm))
-        loss_ok, grad_ok = self.finite_flags(total, gnorm)
+        den = sums['loss'][0] / sums['loss'][1] if 'loss' in sums else None   # the denoising loss, for "divergence"
+        loss_ok, grad_ok, den = self.finite_flags(total, gnorm, den)
         overflow = loss_ok and not grad_ok and getattr(self.acc, 'scaler', None) is not None   # fp16: the scaler's
         if (loss_ok and grad_ok) or overflow: self.opt.step()                                  # to skip and rescale
         elif getattr(self.acc, 'scaler', None) is not None: self.acc.scaler.update()   # (fp16: unscaled by the clip)
@@ -756,16 +871,19 @@ def _train_step(self) -> dict:
     skipped = not (loss_ok and grad_ok) and not overflow
     if skipped: self.count_nonfinite(total, gnorm)
     else: self.nonfinite_run = 0
+    if den is not None and not skipped: self.check_divergence(den)
     return {k: a / c for k, (a, c) in sums.items()} | {'lr': lr, 'grad_norm': gnorm, 'mask_ratio': mask_ratio,
                                                        'nonfinite': float(skipped)}
 
-def _finite_flags(self, loss: torch.Tensor, gnorm: torch.Tensor) -> tuple[bool, bool]:
-    "(loss finite, gradient norm finite) on every process: one host sync (and one reduction with several processes)."
-    bad = torch.stack([~torch.isfinite(loss.float().to(self.device)).all(),
-                       ~torch.isfinite(gnorm.float().to(self.device)).all()]).float()
-    if self.acc.num_processes > 1: bad = self.acc.reduce(bad, reduction='sum')
-    loss_bad, grad_bad = bad.tolist()
-    return loss_bad == 0, grad_bad == 0
+def _finite_flags(self, loss: torch.Tensor, gnorm: torch.Tensor, watch=None) -> tuple[bool, bool, float | None]:
+    """(loss finite, gradient norm finite, the mean of `watch` over processes) on every process: one host sync (and
+    one reduction with several processes)."""
+    vals = [~torch.isfinite(loss.float().to(self.device)).all(), ~torch.isfinite(gnorm.float().to(self.device)).all()]
+    if watch is not None: vals.append(torch.as_tensor(watch, device=self.device).float().reshape(()))
+    t = torch.stack([v.float() for v in vals])
+    if self.acc.num_processes > 1: t = self.acc.reduce(t, reduction='sum')
+    out = t.tolist()
+    return out[0] == 0, out[1] == 0, (out[2] / self.acc.num_processes if watch is not None else None)
 
 def _count_nonfinite(self, loss: torch.Tensor, gnorm: torch.Tensor):
     "Log a skipped step; raise `NonFiniteError` after `train.max_nonfinite_steps` in a row (see \"Faults\")."
@@ -832,7 +950,6 @@ def _log_line(self, window: LogWindow, last: dict) -> dict:
     window.reset()
     self._nonfinite_window = 0
     if self.is_main:
-        self.check_divergence(logs)
         stage = self.schedule.at(step - 1)
         for o in self.objectives.values(): logs.update(o.metrics(self.unwrapped, step - 1, stage))
         self.run.append_metrics(logs)
@@ -844,23 +961,43 @@ def _log_event(self, event: str, **info):
     if self.is_main:
         self.run.append_metrics({'kind': 'event', 'step': self.step, 'event': event, 'time': time.time(), **info})
 
-def _check_divergence(self, logs: dict):
-    "Warn (once per `fit`) and log a `divergence` event when the loss is > 10x its running level (see \"Faults\")."
-    loss = logs.get('loss')
-    if loss is None or not math.isfinite(loss): return
+def _check_divergence(self, loss: float):
+    """After each step, its denoising `loss` against the running level (see "Faults"): above 10x the level, a
+    `divergence` event (when a streak of such steps begins), a `DivergenceWarning` (once per `fit`) and, the first
+    time, the newest checkpoint of a step whose loss was healthy is kept out of rotation. The level is an EMA that
+    follows a falling loss but rises at most 5% a step, so a loss that climbs over many steps is still caught."""
+    step = self.step - 1                                 # (the step whose loss this is: weights after `step` steps)
+    if not math.isfinite(loss): return
     level = self._loss_level
-    if level is not None and self._loss_lines >= 2 and loss > 10 * level:
-        self.log_event('divergence', loss=loss, running_loss=level)
+    high = level is not None and loss > 10 * level
+    if high and not self._diverging:
+        self.log_event('divergence', loss=loss, running_loss=level, diverged_step=step)
+        self.protect_before_divergence(step)
         if not self._diverge_warned:
             self._diverge_warned = True
-            warnings.warn(f"step {self.step}: the loss {loss:.4g} is {loss / level:.0f}x its running level "
-                          f"{level:.4g}: training may be diverging (lower train.lr or raise train.warmup_steps)",
-                          DivergenceWarning, stacklevel=2)
-    self._loss_level = loss if level is None else 0.9 * level + 0.1 * loss
-    self._loss_lines += 1
+            warnings.warn(f"step {step}: the loss {loss:.4g} is {loss / level:.0f}x its running level {level:.4g}: "
+                          "training is diverging (lower train.lr or raise train.warmup_steps); "
+                          f"{self.last_checkpoint_note()}", DivergenceWarning, stacklevel=3)
+    self._diverging = high
+    if level is None or loss <= 2 * level: self._healthy_step = step
+    self._loss_level = loss if level is None else 0.95 * level + 0.05 * min(loss, 2 * level)   # (+5% a step at most)
+
+def _protect_before_divergence(self, step: int):
+    "Keep the newest checkpoint of a step whose loss was healthy (at most `_healthy_step`) out of rotation."
+    if self._diverged_at is None: self._diverged_at = step
+    if not self.is_main or self._protected is not None: return
+    good = [c for c in self.run.checkpoints() if _ckpt_step(c) <= (self._healthy_step if self._healthy_step is not None
+                                                                    else -1) and self.run.checkpoint_problem(c) is None]
+    if good:
+        self._protected = good[-1]
+        self.run.protect(good[-1], f"the last checkpoint before the loss diverged at step {step}")
+
+def _ckpt_step(path) -> int:
+    "The step in a checkpoint's name (`ckpt-0000040.pt` -> 40)."
+    return int(Path(path).name[len('ckpt-'):].split('.')[0])
 
 Trainer.log_keys, Trainer.log_line, Trainer.log_event = _log_keys, _log_line, _log_event
-Trainer.check_divergence = _check_divergence
+Trainer.check_divergence, Trainer.protect_before_divergence = _check_divergence, _protect_before_divergence
 
 # %% ../nbs/api/06_train.ipynb #5b3cfdb8
 def _sample_images(self, n: int, *, seed: int = 1234, progress: bool = False, ema: bool = True) -> torch.Tensor:
@@ -1066,41 +1203,77 @@ def _agree_to_stop(self) -> bool:
 
 def _due(self, every: int) -> bool: return every > 0 and self.step % every == 0
 
+STOP_SIGNALS = ('SIGINT', 'SIGTERM')     # Ctrl-C; what SLURM, Kubernetes and preemptible clouds send before a kill
+
+class Interrupted(KeyboardInterrupt):
+    "`fit` stopped on a signal (`signum`: SIGINT or SIGTERM) after writing a checkpoint of step `step`."
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}; checkpoint written")
+        self.signum, self.step = signum, step
+
 @contextlib.contextmanager
-def _sigint_stops(self):
-    """In the main thread, SIGINT (Ctrl-C) asks for a stop after the current step and marks the run `interrupted`;
-    a second one raises `KeyboardInterrupt` at once (the handler before `fit` is back in place)."""
-    old = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or old in (signal.SIG_IGN, None):
+def _stop_on_signals(self):
+    """In the main thread, SIGINT and SIGTERM ask for a stop after the current step (with a checkpoint) and set
+    `interrupted` to the signal's number, also when the process inherited them as ignored (a background job). A
+    second signal interrupts at once: `KeyboardInterrupt`, or, with `exit_on_second_signal` (the CLI), the process
+    exits with 128 + the signal's number and no traceback, its lock removed. The handlers before `fit` are put back
+    after it (the CLI keeps exiting at once on a later signal)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    def on_sigint(signum, frame):
-        self.interrupted = self.stop_requested = True
-        signal.signal(signal.SIGINT, old)
-    signal.signal(signal.SIGINT, on_sigint)
+    sigs = [getattr(signal, n) for n in STOP_SIGNALS if hasattr(signal, n)]
+    old = {s: signal.getsignal(s) for s in sigs}
+    def on_signal(signum, frame):
+        if not self.interrupted:
+            self.interrupted, self.stop_requested = signum, True
+            return
+        if not self.exit_on_second_signal: raise KeyboardInterrupt(f"{signal.Signals(signum).name} again")
+        self.exit_now(signum)
+    for s in sigs:
+        if old[s] is not None: signal.signal(s, on_signal)   # (None: a handler installed from C, left alone)
     try: yield
-    finally: signal.signal(signal.SIGINT, old)
+    finally:
+        for s, h in old.items():
+            if h is None: continue
+            signal.signal(s, (lambda signum, frame: self.exit_now(signum)) if self.interrupted
+                          and self.exit_on_second_signal else h)
 
-def _clean_temp_files(self):
+def _exit_now(self, signum: int):
+    "Leave the process at once (a second signal in the CLI): the lock and temp files removed, exit 128 + `signum`."
+    if getattr(self, '_lock', None) is not None: self._lock.release()
+    with contextlib.suppress(Exception): self.clean_temp_files(quiet=True)
+    print(f"sadm-lab: {signal.Signals(signum).name} again: stopped at once", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+def _clean_temp_files(self, quiet: bool = False):
     "Remove the temp files (`.<name>.*.tmp`) of atomic writes that a crash interrupted (main process, lock held)."
     n = 0
     for d in (self.run.path, self.run.ckpt_dir, self.run.samples_dir):
         for p in (d.glob('.*.tmp') if d.is_dir() else ()):
             if p.is_file(): p.unlink(missing_ok=True); n += 1
-    if n: print(f"sadm_lab: removed {n} temp file(s) of interrupted writes from {self.run.path}", file=sys.stderr)
+    if n and not quiet:
+        print(f"sadm_lab: removed {n} temp file(s) of interrupted writes from {self.run.path}", file=sys.stderr)
 
 def _fit(self) -> 'Trainer':
     """Train until `cfg.train.steps` (or `request_stop()`), with checkpoints, samples, evaluation and logs; the main
     process holds the run folder's lock throughout (see "Faults")."""
-    lock, self.interrupted = RunLock(self.run.path) if self.is_main else None, False
+    lock, self.interrupted = RunLock(self.run.path) if self.is_main else None, 0
     if lock is not None:
         lock.acquire()
+        if self.folder_state() != self.claimed:
+            lock.release()
+            raise RunLockedError(f"{self.run.path} was changed by another process since this Trainer was built (its "
+                                 "config.json or latest checkpoint differ): build a new Trainer (resume=True) to "
+                                 "continue from what is there now")
+        self._lock = lock
         self.clean_temp_files()
     try:
-        with self.sigint_stops(): self.fit_loop()
+        with self.stop_on_signals(): self.fit_loop()
     finally:
-        if lock is not None: lock.release()
-    if self.interrupted: raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint written")
+        if lock is not None:
+            lock.release()
+            self._lock = None
+    if self.interrupted: raise Interrupted(self.interrupted, self.step)
     return self
 
 def _fit_loop(self):
@@ -1139,7 +1312,8 @@ def _fit_loop(self):
             self.log_event('end')
         elif self.stop_requested:                            # (asked before the first step: still a checkpoint)
             if self.saved_step != self.step: self.save_checkpoint()
-            self.log_event('interrupted' if self.interrupted else 'stopped')
+            if self.interrupted: self.log_event('interrupted', signal=signal.Signals(self.interrupted).name)
+            else: self.log_event('stopped')
     finally:
         bar.close()
         self.end_tracking()
@@ -1147,7 +1321,8 @@ def _fit_loop(self):
     for cb in main_cbs: cb.on_train_end(self)
 
 Trainer.log_start, Trainer.agree_to_stop, Trainer.due, Trainer.fit = _log_start, _agree_to_stop, _due, _fit
-Trainer.sigint_stops, Trainer.clean_temp_files, Trainer.fit_loop = _sigint_stops, _clean_temp_files, _fit_loop
+Trainer.stop_on_signals, Trainer.exit_now = _stop_on_signals, _exit_now
+Trainer.clean_temp_files, Trainer.fit_loop = _clean_temp_files, _fit_loop
 
 # %% ../nbs/api/06_train.ipynb #c2e823b1
 def training_clock(records: list[dict]) -> list[tuple[dict, float]]:
@@ -1181,15 +1356,13 @@ def load_run(run_dir, *, checkpoint=None, weights: str = 'ema', device='cpu'):
         side = run.checksum_path(path)
         if path.is_file() and side.is_file() and file_sha256(path) != (side.read_text().split() or [''])[0]:
             raise CheckpointError(f"{path}: its sha256 does not match {side.name} (corrupt or truncated)")
-    else:                                                # the newest checkpoint whose checksum holds
-        path, problems = run.resume_checkpoint()
-        for bad, why in problems: print(f"sadm_lab: skipping {bad.name}: {why}", file=sys.stderr)
+        ck = load_training_checkpoint(path)
+    else:                                                # the newest checkpoint that holds and loads
+        path, ck, problems = run.usable_checkpoint()
         if path is None:
-            raise CheckpointError(f"run {run.path} has no usable checkpoint"
-                                  + (f" ({len(problems)} unusable)" if problems else " yet"))
-    ck = safe_torch_load(path)
-    if not isinstance(ck, dict) or ck.get('format') != 'sadm_lab-ckpt-1':
-        raise CheckpointError(f"{path} is not a sadm_lab training checkpoint")
+            raise CheckpointError(f"run {run.path} has no usable checkpoint" + (
+                f" ({'; '.join(f'{p.name}: {why}' for p, why in problems)})" if problems else " yet"))
+        if problems: print(f"sadm_lab: {fallback_note(path, problems, ck.get('step'))}", file=sys.stderr)
     try: ck_cfg = from_dict(ck['config'])
     except (KeyError, SadmError) as e: raise CheckpointError(f"{path} holds no readable config: {e}") from e
     diff = {k: v for k, v in config_diff(ck_cfg, cfg).items() if k.split('.')[0] in ('model', 'diffusion', 'data')}
@@ -1207,4 +1380,5 @@ def load_run(run_dir, *, checkpoint=None, weights: str = 'ema', device='cpu'):
     else: model = build_network(cfg, data)
     load_weights(model, checkpoint_weights(ck, weights), source=str(path))
     model.latent_codec = codec                           # (None for pixel runs; see sadm_lab.latent)
+    model.source_checkpoint = Path(path)                 # the file the weights came from (after any fallback)
     return model.to(get_device(device)).eval(), build_diffusion(cfg), cfg, data

@@ -342,7 +342,7 @@ class ManifoldExplorer:
         model, diffusion, cfg, data = load_run(run_dir, checkpoint=checkpoint, weights=weights, device=device)
         _pixel_run_only(model, 'the manifold explorer')
         encoder = None
-        ck = safe_torch_load(Path(checkpoint) if checkpoint else RunDir(run_dir).latest_checkpoint())
+        ck = safe_torch_load(model.source_checkpoint)                          # (the file load_run used)
         state = (ck.get('objectives') or {}).get('sadm') or ck.get('sadm')      # (`sadm`: the earlier layout)
         if isinstance(state, dict) and cfg.sadm.enabled and 'encoder' in state:   # (the representation term has none)
             sd = cfg.sadm
