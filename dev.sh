@@ -46,6 +46,10 @@ checks() {
   rm -rf _proc; "$bin/nbdev_proc_nbs" > /dev/null; rm -rf _proc
   echo "== pytest"
   "$bin/python" -m pytest -q -ra tests
+  echo "== numerics again on an AVX2-only CPU (PyTorch, oneDNN and MKL dispatch forced down to AVX2: no AVX-512, no native bf16)"
+  ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 "$bin/python" -m pytest -q -ra -m numerics tests
+  ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+    "$bin/nbdev_test" --path nbs/api --file_re '(03_diffusion|05_sample|07_metrics)\.ipynb' --n_workers 2 --do_print
 }
 
 cmd=${1:-help}; shift || true

@@ -30,7 +30,8 @@ setuptools.setup(
     # the workshop notebooks (nbs/tutorials) ship inside the package as data, for `sadm-lab workshop DIR`
     packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']) + [cfg['lib_name'] + '.tutorials'],
     package_dir={cfg['lib_name'] + '.tutorials': 'nbs/tutorials'},
-    package_data={cfg['lib_name'] + '.tutorials': ['*.ipynb']},
+    # ... and the shipped FID feature networks (sadm_lab.metrics.SHIPPED_FEATURE_NETS)
+    package_data={cfg['lib_name'] + '.tutorials': ['*.ipynb'], cfg['lib_name']: ['feature_nets/*.safetensors']},
     include_package_data=True,
     install_requires=reqs('requirements'),
     extras_require={'lab': reqs('lab_requirements'), 'emoji': reqs('emoji_requirements'),

@@ -6,7 +6,9 @@
 - `rss_bytes`, `peak_rss_bytes` (the library's `sadm_lab.core.memory_now` / `peak_memory_mb`) and `run_memory_probe`,
   which reads a peak-memory figure from a fresh subprocess;
 - `fit_run`: train one run of a comparison, finish an interrupted one or reuse a finished one, and read its training
-  time back from the run folder with `sadm_lab.train.training_clock` (evaluations and a resume's pause left out).
+  time back from the run folder with `sadm_lab.train.training_clock` (evaluations and a resume's pause left out);
+- `machine`: the `sadm-lab env` block (versions, CPU kind, dispatch, threads, GPU, measured matmul rates) that every
+  benchmark's JSON records, so that numbers from two machines are compared knowing what each ran on.
 
 Importing this module also puts the checkout on `sys.path`, so the scripts run from a checkout without installing.
 """
@@ -18,7 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 from sadm_lab.core import memory_now, peak_memory_mb, sync  # noqa: E402
 
 __all__ = ['sync', 'time_steps', 'interleaved_times', 'paired_ratio', 'rss_bytes', 'peak_rss_bytes', 'run_memory_probe',
-           'fit_run']
+           'fit_run', 'machine']
+
+
+def machine(device='cpu') -> dict:
+    "The machine a benchmark ran on (`sadm_lab.hardware.env_report`): recorded in every benchmark's JSON."
+    from sadm_lab.hardware import env_report
+    return env_report(device)
 
 
 def time_steps(step, n: int, device) -> float:

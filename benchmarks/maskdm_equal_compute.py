@@ -50,7 +50,7 @@ from __future__ import annotations
 import argparse, json, shutil, statistics, tempfile
 from pathlib import Path
 
-from _common import fit_run, interleaved_times  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
+from _common import fit_run, interleaved_times, machine  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 from sadm_lab.config import get_config  # noqa: E402
 from sadm_lab.core import atomic_write_json, atomic_write_text  # noqa: E402
 from sadm_lab.masking import STRATEGIES, visible_count  # noqa: E402
@@ -236,7 +236,7 @@ def main(argv=None):
         print(f"seed {seed}: " + ', '.join(f"{r['arm']} FID {r['evals'][-1]['fid']:.2f} ({r['train_s']:.0f}s)"
                                          for r in results[-len(arms):]), flush=True)
 
-    summary = {'config': vars(a), 'cost_ratio_flops': c_flops, 'cost_ratio_time': timing[0] if timing else None,
+    summary = {'config': vars(a), 'env': machine(a.device), 'cost_ratio_flops': c_flops, 'cost_ratio_time': timing[0] if timing else None,
                'step_ms': {'masked': 1e3 * timing[1], 'unmasked': 1e3 * timing[2]} if timing else None,
                'visible_tokens': n_vis, 'pretrain_steps': P, 'finetune_steps': F,
                'small_batch': max(1, round(plan['batch'] * c)) if 'small-batch' in arms else None,

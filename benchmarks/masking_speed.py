@@ -60,7 +60,7 @@ from pathlib import Path
 
 import torch
 
-from _common import sync, rss_bytes, peak_rss_bytes, run_memory_probe   # noqa: E402  (benchmarks/ is on sys.path)
+from _common import machine, sync, rss_bytes, peak_rss_bytes, run_memory_probe   # noqa: E402  (benchmarks/ is on sys.path)
 from sadm_lab.models import build_model, family_of, flops_per_forward, count_params   # noqa: E402
 from sadm_lab.diffusion import Diffusion   # noqa: E402
 from sadm_lab.masking import STRATEGIES, make_mask, mask_to_keep_idx, token_grid, token_view, visible_count   # noqa: E402
@@ -260,7 +260,7 @@ def main(argv=None):
         if hit:
             target = dict(TARGET, measured=hit[0]['speedup'], met=hit[0]['speedup'] >= TARGET['speedup'],
                           config=dict(batch=a.batch, input_size=a.input_size, strategy=a.strategy, bf16=a.bf16))
-    record = dict(benchmark='masked_train_step_vs_mask_ratio', device=str(device), cpu=platform.processor() or platform.machine(),
+    record = dict(benchmark='masked_train_step_vs_mask_ratio', env=machine(device), device=str(device), cpu=platform.processor() or platform.machine(),
                   threads=torch.get_num_threads(), torch=torch.__version__, loadavg_before=load_before, loadavg_after=load_after,
                   wall_s=time.perf_counter() - t_start,
                   config=dict(models=presets, batch=a.batch, input_size=a.input_size, channels=a.channels, num_classes=a.num_classes,

@@ -12,10 +12,12 @@ several budgets, and check the requirements of a discriminating comparison, each
 
 Budgets are every `--eval-every` steps up to `--steps` (constant learning rate after warm-up, so FID at step b of a
 longer run is FID at budget b). The setting is a preset with overrides; the default, `fashion16-dit`, is the one this
-project chose with this script: Fashion-MNIST at 16x16, DiT-T/4 (16 tokens), batch 128, bf16, FID of 5,000 samples
-(DPM-Solver++(2M), 20 steps) with classifier features against the test split. Written to `--out`: summary.json,
-summary.md (the table and the verdicts) and fid_vs_budget.png. A re-run reuses finished runs and resumes interrupted
-ones. `--device cuda` and a larger preset (e.g. `cifar10-dit`) run the same check on a GPU.
+project chose with this script: Fashion-MNIST at 16x16, DiT-T/4 (16 tokens), batch 128, precision `auto` (bf16
+where the CPU has it natively, else fp32), FID of 5,000 samples (DPM-Solver++(2M), 20 steps) with the shipped
+classifier features against the test split. Before it starts it times a few steps and a sampling batch on this machine
+and prints the time it expects (`--estimate` prints only that). Written to `--out`: summary.json (with the machine:
+`sadm-lab env`), summary.md (the table and the verdicts) and fid_vs_budget.png. A re-run reuses finished runs and
+resumes interrupted ones. `--device cuda` and a larger preset (e.g. `cifar10-dit`) run the same check on a GPU.
 
     python benchmarks/ruler.py                                   # 3 seeds x 1,600 steps: ~30 min on 2 cores (2 jobs)
     python benchmarks/ruler.py --jobs 1 --seeds 0 1 2 3 4        # more seeds, one run at a time
@@ -26,7 +28,7 @@ from __future__ import annotations
 import argparse, json, os, statistics, subprocess, sys
 from pathlib import Path
 
-from _common import fit_run  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
+from _common import fit_run, machine  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 from sadm_lab.config import get_config  # noqa: E402
 from sadm_lab.core import atomic_write_json, atomic_write_text  # noqa: E402
 
@@ -92,11 +94,48 @@ def summarise(a, runs: list[dict]) -> dict:
     return dict(preset=a.preset, overrides=a.overrides, seeds=a.seeds, steps=a.steps, device=a.device,
                 threads=os.environ.get('OMP_NUM_THREADS'), jobs=a.jobs,
                 protocol=dict(samples=cfg.eval.num_samples, reference=cfg.eval.reference, features=e0.get('features'),
-                              n_ref=e0.get('n_ref'), sampler=cfg.sample.sampler, steps=cfg.sample.steps,
-                              sample_precision=cfg.sample.precision),
+                              features_version=e0.get('features_version'), n_ref=e0.get('n_ref'),
+                              sampler=cfg.sample.sampler, steps=cfg.sample.steps, sample_precision=_used(runs, 'sample'),
+                              train_precision=_used(runs, 'train')),
+                env=machine(a.device), expected=getattr(a, 'expected', None),
                 arm_train_s=arm_s, eval_s=eval_s, budgets=rows,
                 checks={k: {'pass': ok, 'detail': d} for k, (ok, d) in checks.items()},
                 ruler=all(ok for ok, _ in checks.values()), runs=[r['run'] for r in runs])
+
+
+def expected_time(a) -> dict:
+    """Seconds one arm should take here, from a few timed steps and one timed sampling batch of the preset on one
+    thread (as each job runs): training, one evaluation (sampling `eval.num_samples` images; the feature pass and
+    the floor are a few seconds more) and the arm with all its evaluations."""
+    import tempfile, time
+    import torch
+    from sadm_lab.train import Trainer
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = get_config(a.preset, run_overrides(a, a.seeds[0]) + ['eval.enabled=false'])
+            tr = Trainer(cfg, Path(tmp) / 'probe', progress=False)
+            for _ in range(2): tr.train_step()                      # warm-up
+            t0 = time.perf_counter()
+            for _ in range(5): tr.train_step()
+            step_s = (time.perf_counter() - t0) / 5
+            n = min(cfg.sample.batch_size, cfg.eval.num_samples)
+            t0 = time.perf_counter(); tr.sample_images(n); batch_s = time.perf_counter() - t0
+    finally: torch.set_num_threads(threads)
+    eval_s = batch_s * cfg.eval.num_samples / n
+    evals = a.steps // a.eval_every
+    arm_s = a.steps * step_s + evals * eval_s
+    return dict(step_s=step_s, train_s=a.steps * step_s, eval_s=eval_s, arm_s=arm_s, precision=tr.precision_note,
+                all_s=arm_s * -(-len(a.seeds) // max(a.jobs, 1)))
+
+
+def _used(runs, what: str):
+    "The precision the runs trained / sampled in, as their start events record it ('auto' resolved)."
+    from sadm_lab.train import RunDir
+    used = {(next((r.get('precision') or {} for r in RunDir(run['run']).read_metrics() if r.get('event') == 'start'),
+                  {})).get(what) for run in runs}
+    return used.pop() if len(used) == 1 else sorted(map(str, used))
 
 
 def _mean(es, k):
@@ -107,9 +146,11 @@ def _mean(es, k):
 def markdown(s) -> str:
     p = s['protocol']
     lines = [f"# Is `{s['preset']}` a ruler? {len(s['seeds'])} seeds from scratch", '',
-             f"FID of {p['samples']} samples ({p['sampler']}, {p['steps']} steps, {p['sample_precision']}) with "
-             f"{p['features']} features against {p['n_ref']} images of the {p['reference']} split; floor = the same "
-             f"protocol with held-out real images. Training time excludes evaluations.", '',
+             f"Trained in {p['train_precision']}; FID of {p['samples']} samples ({p['sampler']}, {p['steps']} steps, "
+             f"{p['sample_precision']}) with {p['features']} features (`{p['features_version']}`) against {p['n_ref']} "
+             f"images of the {p['reference']} split; floor = the same protocol with held-out real images. Training "
+             f"time excludes evaluations. Machine: {s['env']['cpu']} ({s['env']['cpu_kind']}, PyTorch dispatch "
+             f"{s['env']['torch_cpu_capability']}), {s['jobs']} job(s) of {s['threads'] or '?'} thread(s).", '',
              '| budget (steps) | FID mean ± std | std / mean | per seed | floor | FID / floor | training (s) |',
              '|---|---|---|---|---|---|---|']
     for r in s['budgets']:
@@ -153,6 +194,7 @@ def main(argv=None):
     p.add_argument('--max-eval-share', type=float, default=0.15)
     p.add_argument('--out', default='runs/ruler')
     p.add_argument('--progress', action='store_true')
+    p.add_argument('--estimate', action='store_true', help='print the expected time on this machine and exit')
     p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('overrides', nargs='*', help='extra key=value for every run')
     a = p.parse_args(argv)
@@ -164,6 +206,11 @@ def main(argv=None):
     if a.worker:
         for s in a.seeds: one_run(a, s)
         return
+    a.expected = e = expected_time(a)
+    print(f"expected on this machine ({e['precision']['train']}: {e['precision']['why']}): {e['step_s']:.2f} s a step, "
+          f"{e['eval_s']:.0f} s an evaluation, {e['arm_s'] / 60:.0f} min an arm, about {e['all_s'] / 60:.0f} min for "
+          f"{len(a.seeds)} seed(s) with {a.jobs} job(s)", flush=True)
+    if a.estimate: return
     s = summarise(a, run_all(a))
     out = Path(a.out)
     atomic_write_json(out / 'summary.json', s)

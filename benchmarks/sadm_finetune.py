@@ -40,7 +40,7 @@ import argparse, json, multiprocessing, statistics, tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from _common import fit_run, interleaved_times  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
+from _common import fit_run, interleaved_times, machine  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 from sadm_lab.config import get_config  # noqa: E402
 from sadm_lab.core import atomic_write_json, atomic_write_text  # noqa: E402
 from sadm_lab.train import Trainer, RunDir  # noqa: E402
@@ -163,7 +163,7 @@ def main(argv=None):
             results = list(ex.map(run_arm, *zip(*jobs), [plan] * len(jobs), [a] * len(jobs)))
     else: results = [run_arm(arm, seed, plan, a) for arm, seed in jobs]
     for r in results: print(f"{r['arm']:>15} seed {r['seed']}: FID {r['evals'][-1]['fid']:.3f} ({r['train_s']:.0f} s)")
-    summary = {'config': vars(a), 'base_fid': base['evals'][-1]['fid'], 'floor': base['evals'][-1]['fid_floor'],
+    summary = {'config': vars(a), 'env': machine(a.device), 'base_fid': base['evals'][-1]['fid'], 'floor': base['evals'][-1]['fid_floor'],
                'step_time_ratio': timing[0], 'step_ms': {'sadm': 1e3 * timing[1], 'plain': 1e3 * timing[2]},
                'steps_time': plan['steps_time'], 'arms': {}}
     for arm in arms:

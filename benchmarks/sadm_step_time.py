@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from _common import interleaved_times, paired_ratio   # noqa: E402  (benchmarks/ is on sys.path as the script dir)
+from _common import interleaved_times, machine, paired_ratio   # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 from sadm_lab.config import get_config   # noqa: E402
 from sadm_lab.train import Trainer   # noqa: E402
 
@@ -66,7 +66,7 @@ def main(argv=None):
     times = {n: [1e3 * x for x in v] for n, v in secs.items()}
     names = list(trainers)
     cfg = trainers['plain'].cfg
-    res = {'preset': a.preset, 'model': cfg.model.preset, 'batch': cfg.train.batch_size,
+    res = {'env': machine(a.device), 'preset': a.preset, 'model': cfg.model.preset, 'batch': cfg.train.batch_size,
            'image': list(trainers['plain'].data.images.shape[1:]), 'device': str(dev), 'bf16': a.bf16,
            'torch': torch.__version__, 'threads': torch.get_num_threads(), 'machine': platform.machine(),
            'steps_per_rep': a.steps, 'reps': a.reps, 'arms': {}}

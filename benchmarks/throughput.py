@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _common import sync, time_steps, rss_bytes, peak_rss_bytes, run_memory_probe   # noqa: E402  (benchmarks/ is on sys.path)
+from _common import machine, sync, time_steps, rss_bytes, peak_rss_bytes, run_memory_probe   # noqa: E402  (benchmarks/ is on sys.path)
 from sadm_lab.models import DiT_models, flops_per_forward, count_params   # noqa: E402
 
 
@@ -153,7 +153,7 @@ def main(argv=None):
         for r in results:
             for impl in ('ours', 'diffusers'): r[impl]['mfu'] *= peak / peak_after
     import diffusers
-    record = dict(benchmark='dit_train_throughput', device=str(device), cpu=platform.processor() or platform.machine(),
+    record = dict(benchmark='dit_train_throughput', env=machine(device), device=str(device), cpu=platform.processor() or platform.machine(),
                   threads=torch.get_num_threads(), torch=torch.__version__, diffusers=diffusers.__version__,
                   config=dict(batch=a.batch, input_size=a.input_size, channels=a.channels, num_classes=a.num_classes,
                               steps=a.steps, reps=a.reps, bf16=a.bf16),

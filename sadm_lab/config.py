@@ -11,6 +11,7 @@ from typing import Optional
 
 from .core import ConfigError, problem_with
 from .data import DATASETS
+from .hardware import PRECISIONS
 from .diffusion import SCHEDULES, PREDICTIONS, LOSS_WEIGHTINGS
 from .masking import STRATEGIES, ANNEALS
 from .models.layers import SDPA_BACKENDS
@@ -22,10 +23,10 @@ from .structure import AFFINITIES, OMEGAS, P_NORMS, VARIANTS
 from .structure_variants import OUTSIDE_ENCODERS
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'TRACKERS', 'WEIGHTS', 'CHOICES', 'RANGES', 'PRESETS', 'RESUMABLE', 'DataConfig', 'ModelConfig',
-           'DiffusionConfig', 'MaskConfig', 'SadmConfig', 'TrainConfig', 'SampleConfig', 'EvalConfig', 'RunConfig',
-           'validate', 'all_keys', 'get_value', 'parse_value', 'set_value', 'apply_overrides', 'from_dict',
-           'load_config', 'flatten', 'get_config', 'config_diff', 'check_resumable']
+__all__ = ['TRACKERS', 'WEIGHTS', 'CHOICES', 'RANGES', 'PRESETS', 'RESUMABLE', 'DataConfig', 'ModelConfig', 'DiffusionConfig',
+           'MaskConfig', 'SadmConfig', 'TrainConfig', 'SampleConfig', 'EvalConfig', 'RunConfig', 'validate', 'all_keys',
+           'get_value', 'parse_value', 'set_value', 'apply_overrides', 'from_dict', 'load_config', 'flatten',
+           'get_config', 'config_diff', 'check_resumable']
 
 # %% ../nbs/api/01_config.ipynb #72f1621f
 @dataclass
@@ -135,7 +136,7 @@ class TrainConfig:
     beta2: float = 0.999                 # AdamW beta2
     grad_clip: float = 1.0               # max global grad norm (0 = off)
     ema_decay: float = 0.999             # EMA of the weights used for sampling (0 = off)
-    precision: str = 'fp32'              # 'fp32', 'bf16' (autocast; CPU and GPU) or 'fp16' (GPU only)
+    precision: str = 'fp32'              # 'fp32', 'bf16' (autocast), 'fp16' (GPU only), 'auto' (bf16 where native)
     tf32: bool = False                   # allow TF32 matmuls on Ampere+ GPUs
     compile: bool = False                # torch.compile the model
     grad_checkpointing: bool = False     # recompute each block's activations in backward (less memory, ~1/3 more time)
@@ -164,7 +165,7 @@ class SampleConfig:
     cfg_scale: float = 1.0               # classifier-free guidance scale (1 = off)
     grid_size: int = 64                  # images in a sample grid
     batch_size: int = 256                # images per sampling batch
-    precision: str = 'fp32'              # the network while sampling (grids, FID, sadm-lab sample): fp32, bf16, fp16
+    precision: str = 'fp32'              # the network while sampling (grids, FID, sadm-lab sample): as train.precision
 
 @dataclass
 class EvalConfig:
@@ -192,7 +193,6 @@ class RunConfig:
     def to_json(self) -> str: return json.dumps(self.to_dict(), indent=2)
 
 # %% ../nbs/api/01_config.ipynb #6f676c01
-PRECISIONS = ('fp32', 'bf16', 'fp16')           # train.precision: bf16 autocast (CPU and GPU) or fp16 (CUDA only)
 TRACKERS = ('none', 'tensorboard', 'wandb', 'mlflow')   # train.log_with: experiment trackers through accelerate
 WEIGHTS = ('model', 'ema')                      # which weights of a checkpoint (train.init_weights, `sadm-lab sample`)
 
@@ -432,19 +432,19 @@ PRESETS: dict[str, dict] = {
         'train.lr': 3e-4, 'train.ckpt_every': 2000, 'train.sample_every': 2000, 'train.eval_every': 5000},
     'fashion16-dit': {  # the CPU ruler (benchmarks/ruler.py): Fashion-MNIST 16x16, 16 tokens, FID-5k vs the test split
         'name': 'fashion16-dit', 'data.name': 'fashion-mnist', 'data.resolution': 16, 'model.preset': 'DiT-T/4',
-        'train.steps': 1600, 'train.lr': 1e-3, 'train.ema_decay': 0.995, 'train.precision': 'bf16',
+        'train.steps': 1600, 'train.lr': 1e-3, 'train.ema_decay': 0.995, 'train.precision': 'auto',
         'train.ckpt_every': 400, 'train.sample_every': 0, 'train.eval_every': 400, 'sample.sampler': 'dpmpp_2m',
-        'sample.steps': 20, 'sample.precision': 'bf16', 'sample.grid_size': 100, 'eval.reference': 'test',
+        'sample.steps': 20, 'sample.precision': 'auto', 'sample.grid_size': 100, 'eval.reference': 'test',
         'eval.num_samples': 5000},
     'cifar10-dit': {  # the papers' scale on a GPU: CIFAR-10 32x32 (data.root = the python archive's folder)
         'name': 'cifar10-dit', 'data.name': 'cifar10', 'model.preset': 'DiT-S/2', 'train.steps': 100000,
-        'train.lr': 2e-4, 'train.batch_size': 128, 'train.ema_decay': 0.9999, 'train.precision': 'bf16',
+        'train.lr': 2e-4, 'train.batch_size': 128, 'train.ema_decay': 0.9999, 'train.precision': 'auto',
         'train.ckpt_every': 5000, 'train.sample_every': 5000, 'train.eval_every': 25000, 'sample.sampler': 'dpmpp_2m',
         'sample.steps': 20, 'eval.features': 'inception', 'eval.reference': 'test', 'eval.num_samples': 5000},
     'celeba64-dit': {  # the papers' scale on a GPU: CelebA 64x64 with the DDIM / U-ViT crop (data.root = the folder)
         'name': 'celeba64-dit', 'data.name': 'celeba', 'data.resolution': 64, 'model.preset': 'DiT-S/4',
         'train.steps': 100000, 'train.lr': 2e-4, 'train.batch_size': 128, 'train.ema_decay': 0.9999,
-        'train.precision': 'bf16', 'train.ckpt_every': 5000, 'train.sample_every': 5000, 'train.eval_every': 25000,
+        'train.precision': 'auto', 'train.ckpt_every': 5000, 'train.sample_every': 5000, 'train.eval_every': 25000,
         'sample.sampler': 'dpmpp_2m', 'sample.steps': 20, 'eval.features': 'inception', 'eval.num_samples': 5000},
     'emoji-dit': {  # twemoji colour images at 32x32 (pip install sadm-lab[emoji]); a GPU is advisable
         'name': 'emoji-dit', 'data.name': 'emoji', 'data.resolution': 32, 'model.preset': 'DiT-S/4',

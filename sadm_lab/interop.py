@@ -378,6 +378,11 @@ def _eval_section(evals: list[dict]) -> list[str]:
                 "(≈ 1: no sign of memorisation; ≪ 1: copying); copies: the fraction of generated images that are "
                 "near-copies of a training image.", '']
 
+def _precision_used(start: dict, cfg) -> str:
+    "The training precision the run's start event records ('auto' resolved), else the config's."
+    used = (start.get('precision') or {}).get('train')
+    return f"{used} ({cfg.train.precision})" if used and used != cfg.train.precision else cfg.train.precision
+
 def model_card(run_dir, model, cfg, *, checkpoint, weights: str = 'ema', file=None,
                diffusers_folder: bool = False) -> str:
     "Markdown model card of a run's network (see above)."
@@ -402,7 +407,8 @@ def model_card(run_dir, model, cfg, *, checkpoint, weights: str = 'ema', file=No
           f"| training time | {_fmt_time(training_time(recs))} on {start.get('device', '?')} "
           f"({start.get('processes', '?')} process(es)) |",
           f"| denoiser training compute | ≈ {comp['flops']:.3g} FLOPs (forward + backward) |",
-          f"| precision | {cfg.train.precision} |", '', 'Stages:', '', '```', run.schedule().describe(), '```', '']
+          f"| precision | {_precision_used(start, cfg)} |", '', 'Stages:', '', '```', run.schedule().describe(),
+          '```', '']
     L += ['## Data', '', f"`{d.name}`" + (f" from `{d.root}`" if d.root else '')
           + f", {model.input_size}×{model.input_size}, {model.in_channels} channel(s)"
           + (f", at most {d.max_images} training images" if d.max_images else '')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/07_metrics.ipynb #038b744e
 from __future__ import annotations
-import os, json, hashlib, warnings, importlib.util
+import os, json, hashlib, math, warnings, importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +18,15 @@ from .core import (SadmError, DataError, ConfigError, CheckpointError, atomic_wr
 from .data import SPLITS
 
 # %% auto #0
-__all__ = ['FID_HELPER_PIN', 'INCEPTION_SHA1', 'FEATURE_NET_RECIPE', 'FEATURES', 'REFERENCES', 'FID_STATS_FORMAT',
-           'frechet_distance', 'FeatureStats', 'FeatureExtractor', 'check_images', 'stream_features',
-           'extract_features', 'feature_stats', 'MissingDependencyError', 'inception_weights_path',
+__all__ = ['FID_HELPER_PIN', 'INCEPTION_SHA1', 'FEATURE_NET_RECIPE', 'SHIPPED_FEATURE_NETS', 'FEATURES', 'REFERENCES',
+           'FID_STATS_FORMAT', 'frechet_distance', 'FeatureStats', 'FeatureExtractor', 'check_images',
+           'stream_features', 'extract_features', 'feature_stats', 'MissingDependencyError', 'inception_weights_path',
            'tf_bilinear_resize', 'InceptionFeatures', 'FeatureCNN', 'train_feature_classifier', 'classifier_accuracy',
-           'feature_net_cache_dir', 'ClassifierFeatures', 'classifier_features', 'make_feature_extractor',
-           'fid_stats_cache_dir', 'fid_protocol', 'fid_stats_key', 'ReferenceStats', 'load_reference_stats',
-           'knn_radii', 'precision_recall', 'split_real', 'sampled_batches', 'FIDEvaluator', 'fid_with_floor',
-           'format_fid', 'nearest_neighbour_distances', 'memorization_report']
+           'feature_net_cache_dir', 'ClassifierFeatures', 'data_identity', 'shipped_feature_net_path',
+           'load_shipped_feature_net', 'classifier_features', 'make_feature_extractor', 'fid_stats_cache_dir',
+           'fid_protocol', 'fid_stats_key', 'ReferenceStats', 'load_reference_stats', 'knn_radii', 'precision_recall',
+           'split_real', 'sampled_batches', 'FIDEvaluator', 'fid_with_floor', 'format_fid',
+           'nearest_neighbour_distances', 'memorization_report']
 
 # %% ../nbs/api/07_metrics.ipynb #ca5c662e
 def _f64(x, name: str) -> torch.Tensor:
@@ -255,6 +256,11 @@ class InceptionFeatures(FeatureExtractor):
 
 # %% ../nbs/api/07_metrics.ipynb #5fec6cf9
 FEATURE_NET_RECIPE = 'cnn-v1'   # bump when FeatureCNN or its training changes: old cache files then stop matching
+# feature networks shipped in sadm_lab/feature_nets (file -> sha256 of the weights; made by
+# scripts/ship_feature_net.py): the same FID on every machine for their data (the ruler's); others train per machine
+SHIPPED_FEATURE_NETS: dict[str, str] = {
+    'fashion-mnist-1x16x16-cnn-v1.safetensors': 'c5ce07c8c66d7d690835025693e7b0f7ea3e686044576c44e8b38b4397c57c0b',
+}
 
 class FeatureCNN(nn.Module):
     "Small VGG-style classifier for tiny images (any C; H, W ≥ 8); `features(x)` is its penultimate layer."
@@ -353,8 +359,9 @@ def _save_feature_net(net: FeatureCNN, path, info: dict) -> Path:
     md = {'sadm_lab': json.dumps(dict(info, weights_sha256=_weights_sha256(sd)), sort_keys=True)}
     return atomic_write(path, lambda p: save_file(sd, p, metadata=md))
 
-def _load_feature_net(path, fingerprint: str) -> tuple[FeatureCNN, dict]:
-    "Load a cached FeatureCNN; any mismatch or corruption raises CheckpointError (never returns a wrong network)."
+def _load_feature_net(path, fingerprint: str | None) -> tuple[FeatureCNN, dict]:
+    """Load a cached (or, `fingerprint=None`, a shipped) FeatureCNN; any mismatch or corruption raises
+    CheckpointError (never returns a wrong network)."""
     from safetensors import safe_open
     try:
         with safe_open(str(path), framework='pt') as f:
@@ -362,7 +369,7 @@ def _load_feature_net(path, fingerprint: str) -> tuple[FeatureCNN, dict]:
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"cannot read cached feature network {path}: {type(e).__name__}: {e}") from e
-    if info.get('fingerprint') != fingerprint:
+    if fingerprint is not None and info.get('fingerprint') != fingerprint:
         raise CheckpointError(f"cached feature network {path} was trained on other data or with another recipe")
     if _weights_sha256(sd) != info.get('weights_sha256'):
         raise CheckpointError(f"cached feature network {path} is corrupt (weights checksum mismatch)")
@@ -393,6 +400,40 @@ def _holdout_split(n: int, holdout: float, seed: int):
         raise DataError(f"too few labelled images ({n}) to hold out {holdout:.0%} and train a feature classifier")
     return perm[k:], perm[:k]
 
+def data_identity(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """What a shipped feature network recognises its data by: the image shape, the class counts and the images' mean
+    and standard deviation. Not the bytes: resizing differs in the last bits between CPU kinds."""
+    x = images.detach().to('cpu', torch.float64)
+    return dict(shape=list(images.shape), class_counts=torch.bincount(torch.as_tensor(labels).cpu().long(),
+                                                                      minlength=num_classes).tolist(),
+                mean=float(x.mean()), std=float(x.std()))
+
+def shipped_feature_net_path(dataset: str, image_shape) -> Path:
+    "Where the package keeps the shipped feature network of `dataset` at `image_shape` (C, H, W), if it has one."
+    import importlib.resources
+    name = f"{dataset}-{'x'.join(str(int(s)) for s in image_shape)}-{FEATURE_NET_RECIPE}.safetensors"
+    return Path(str(importlib.resources.files('sadm_lab'))) / 'feature_nets' / name
+
+def load_shipped_feature_net(dataset: str | None, images, labels, num_classes: int,
+                             recipe: dict) -> tuple[FeatureCNN, dict] | None:
+    """The feature network shipped with sadm_lab for this data and recipe, or None (no such file, or other data: a
+    subset of classes, fewer images, another resolution). Its weights are checked against `SHIPPED_FEATURE_NETS`."""
+    if not dataset: return None
+    path = shipped_feature_net_path(dataset, images.shape[1:])
+    if not path.is_file(): return None
+    net, info = _load_feature_net(path, None)
+    want = SHIPPED_FEATURE_NETS.get(path.name)
+    if want is None or info.get('weights_sha256') != want:
+        raise CheckpointError(f"the shipped feature network {path} is not the one this sadm_lab version ships (weights "
+                              f"sha256 {str(info.get('weights_sha256'))[:12]}..., expected {str(want)[:12]}...): "
+                              "reinstall sadm_lab")
+    got, saved = data_identity(images, labels, num_classes), info.get('data') or {}
+    same_data = (got['shape'] == saved.get('shape') and got['class_counts'] == saved.get('class_counts')
+                 and abs(got['mean'] - saved.get('mean', math.inf)) <= 1e-4 * saved.get('std', 0)
+                 and abs(got['std'] - saved.get('std', math.inf)) <= 1e-4 * saved.get('std', 0))
+    same_recipe = all(info.get(k) == v for k, v in recipe.items())
+    return (net, info) if same_data and same_recipe else None
+
 def classifier_features(images: torch.Tensor, labels: torch.Tensor | None, num_classes: int, *,
                         dataset: str | None = None,
                         cache_dir=None, holdout: float = 0.2, epochs: int = 15, seed: int = 0, batch_size: int = 64,
@@ -407,8 +448,10 @@ def classifier_features(images: torch.Tensor, labels: torch.Tensor | None, num_c
     fp = _data_fingerprint(images, labels, num_classes, recipe)
     path = feature_net_cache_dir(cache_dir) / f"{FEATURE_NET_RECIPE}-{fp[:16]}.safetensors"
     train_idx, held_idx = _holdout_split(len(images), holdout, seed)
-    net, trained = None, False
-    if path.exists() and not retrain:
+    net, trained, shipped = None, False, None
+    if not retrain: shipped = load_shipped_feature_net(dataset, images, labels, num_classes, recipe)
+    if shipped is not None: net, path = shipped[0], shipped_feature_net_path(dataset, images.shape[1:])
+    elif path.exists() and not retrain:
         try: net, _ = _load_feature_net(path, fp)
         except CheckpointError as e: warnings.warn(f"{e}; retraining it and replacing the file")
     if net is None:
@@ -422,12 +465,17 @@ def classifier_features(images: torch.Tensor, labels: torch.Tensor | None, num_c
     if trained:
         _save_feature_net(net.cpu(), path,
                           dict(recipe, fingerprint=fp, in_channels=images.shape[1], num_classes=num_classes,
-                                                image_shape=list(images.shape[1:]), heldout_accuracy=acc))
+                               image_shape=list(images.shape[1:]), heldout_accuracy=acc,
+                               data=data_identity(images, labels, num_classes)))
         net = net.to(device)
     name = f"{dataset}-{FEATURE_NET_RECIPE}" if dataset else FEATURE_NET_RECIPE
+    # the version every FID record (and the statistics cache) carries: the weights' sha256, which says "shipped" for the
+    # network that is the same on every machine; a network trained here differs from one trained elsewhere
+    sha = _weights_sha256({k: v.detach().cpu() for k, v in net.state_dict().items()})
+    version = f"shipped-{sha[:8]}" if shipped is not None else sha[:8]
     meta = dict(heldout_accuracy=acc, n_train=len(train_idx), n_heldout=len(held_idx), path=str(path), trained=trained,
-                **recipe)
-    return ClassifierFeatures(net, name=name, version=fp[:8], input_shape=images.shape[1:], meta=meta)
+                weights='shipped' if shipped is not None else ('trained' if trained else 'cached'), **recipe)
+    return ClassifierFeatures(net, name=name, version=version, input_shape=images.shape[1:], meta=meta)
 
 # %% ../nbs/api/07_metrics.ipynb #4c3383ec
 FEATURES = ('classifier', 'inception')        # the FID feature networks (`eval.features`)
@@ -527,7 +575,8 @@ def load_reference_stats(path, *, num_features: int | None = 2048) -> ReferenceS
     try: z = np.load(path, allow_pickle=False)
     except ValueError as e:                      # numpy's advice here is to unpickle it: never
         if 'allow_pickle' not in str(e): raise DataError(f"cannot read {path} as .npz ({e}); {hint}") from None
-        raise DataError(f"cannot read {path} as .npz: it is text, a pickle (never loaded) or not numpy's; {hint}") from None
+        raise DataError(f"cannot read {path} as .npz: it is text, a pickle (never loaded) or not numpy's; "
+                        f"{hint}") from None
     except Exception as e: raise DataError(f"cannot read {path} as .npz ({type(e).__name__}: {e}); {hint}") from None
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise DataError(f"{path} holds a single array, not an .npz archive; {hint}")

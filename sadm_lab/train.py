@@ -18,6 +18,7 @@ from .core import (SadmError, ConfigError, CheckpointError, StorageError, atomic
 from .config import (WEIGHTS, TRACKERS, PRECISIONS, RunConfig, load_config, check_resumable, validate,
                              from_dict, config_diff)
 from .data import load_data, ImageData
+from .hardware import env_report, resolve_precision
 from .diffusion import Diffusion, drop_labels
 from .models import MODELS, build_model, family_of
 from .models.layers import check_sdpa_backend, sdpa_backend
@@ -499,7 +500,7 @@ def make_accelerator(tc, project_dir=None):
     if dev not in ('auto', 'cpu'): get_device(dev)      # validate e.g. 'cuda' on a machine without one
     if tc.precision == 'fp16' and use_cpu:
         raise ConfigError("train.precision='fp16' needs a CUDA device; use 'bf16' on CPU")
-    if tc.precision == 'bf16' and not use_cpu and not torch.cuda.is_bf16_supported():
+    if tc.precision == 'bf16' and not use_cpu and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError("train.precision='bf16' is not supported by this GPU; use 'fp16' or 'fp32'")
     track = {}
     if tc.log_with != 'none':
@@ -532,6 +533,11 @@ class Trainer:
         self.tracking, self._tracker_warned, self._mlflow_uri = False, False, None   # (`start_tracking`)
         check_distributed(self.acc)
         self.device, self.is_main = self.acc.device, self.acc.is_main_process
+        # what `auto` (or an emulated bf16) means on this device: resolved once, said in the start event and the CLI
+        self.precision, why = resolve_precision(tc.precision, self.device)
+        self.sample_precision, swhy = resolve_precision(cfg.sample.precision, self.device, what='sample.precision')
+        self.precision_note = {'train': self.precision, 'sample': self.sample_precision,
+                               'why': why if why != 'as configured' else swhy}
         self.notes: list[tuple[str, str]] = []               # (event, one line) said at construction, logged by `fit`
         self.exit_on_second_signal = False                  # the CLI's choice (see "Faults")
         self.claimed, self._lock = None, None                # (the folder as this trainer left it; the lock in `fit`)
@@ -819,8 +825,9 @@ def _enter_stage(self, stage: Stage):
                    reset_optimizer=stage.reset_optimizer, reset_ema=stage.reset_ema)
 
 def _autocast(self):
-    if self.cfg.train.precision == 'bf16': return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-    return self.acc.autocast() if self.cfg.train.precision == 'fp16' else None
+    "The autocast context of the step: `train.precision` as resolved for this device (`self.precision`)."
+    if self.precision == 'bf16': return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+    return self.acc.autocast() if self.precision == 'fp16' else None
 
 @contextlib.contextmanager
 def _speed_flags(self):
@@ -1005,7 +1012,7 @@ def _sample_images(self, n: int, *, seed: int = 1234, progress: bool = False, em
     run samples latents (unclipped) and decodes them."""
     sc = self.cfg.sample
     g = torch.Generator(device=self.device).manual_seed(seed)
-    with self.speed_flags(), sampling_precision(sc.precision, self.device):
+    with self.speed_flags(), sampling_precision(self.sample_precision, self.device):
         out = generate(self.sampling_model if ema else self.unwrapped, self.diffusion, n, sampler=sc.sampler,
                        steps=sc.steps, eta=sc.eta, cfg_scale=sc.cfg_scale, batch_size=sc.batch_size, generator=g,
                        device=self.device, progress=progress, **latent_sampling(self.codec))
@@ -1016,6 +1023,7 @@ def sampling_precision(precision: str, device) -> contextlib.AbstractContextMana
     only); the sampler's own arithmetic (noise, updates, clipping) stays in float32. 'fp32': nothing changes."""
     check_choice('sample.precision', precision, PRECISIONS)
     device = torch.device(device)
+    precision = resolve_precision(precision, device, what='sample.precision')[0]      # ('auto': bf16 where native)
     if precision == 'fp32': return contextlib.nullcontext()
     if precision == 'fp16' and device.type != 'cuda':
         raise ConfigError("sample.precision='fp16' needs a CUDA device; use 'bf16' on CPU")
@@ -1188,7 +1196,8 @@ def _log_start(self):
         self.resumed_at = None
     elif self.step == 0:
         if self.is_main: self.run.truncate_metrics(0)       # a config-only folder (crashed before its first checkpoint)
-        self.log_event('start', processes=self.acc.num_processes, device=str(self.device), provenance=provenance())
+        self.log_event('start', processes=self.acc.num_processes, device=str(self.device), provenance=provenance(),
+                       precision=self.precision_note, hardware=env_report(self.device, measure=False))
     for event, msg in self.notes: self.log_event(event, message=msg)
     self.notes = []
 

@@ -11,6 +11,8 @@ from sadm_lab.diffusion import (Diffusion, get_betas, linear_betas, cosine_betas
                                 drop_labels)
 from sadm_lab.masking import token_view
 
+pytestmark = pytest.mark.numerics       # (CI runs these again with the CPU dispatch at AVX2)
+
 f64 = torch.float64
 
 

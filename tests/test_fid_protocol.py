@@ -13,6 +13,8 @@ from sadm_lab.metrics import (FeatureExtractor, FIDEvaluator, ReferenceStats, fe
                               fid_with_floor, format_fid, knn_radii, load_reference_stats, precision_recall,
                               sampled_batches, stream_features)
 
+pytestmark = pytest.mark.numerics       # (CI runs these again with the CPU dispatch at AVX2)
+
 
 class CountingFeatures(FeatureExtractor):
     "Fixed random features; counts images and records batch sizes it was given."

@@ -14,6 +14,8 @@ from sadm_lab.metrics import (frechet_distance, FeatureStats, FeatureExtractor, 
                               FIDEvaluator, fid_with_floor, format_fid, InceptionFeatures, MissingDependencyError,
                               feature_net_cache_dir, make_feature_extractor)
 
+pytestmark = pytest.mark.numerics       # (CI runs these again with the CPU dispatch at AVX2)
+
 
 def rand_cov(d, rank=None, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -256,3 +258,50 @@ def test_inception_fid_on_20_images(digits):
     res = fid_with_floor(x[:20].repeat(1, 3, 1, 1), noise, inc, batch_size=10)   # torchmetrics backend
     assert np.isfinite(res['fid']) and res['n_fake'] == 10 and res['n_ref'] == 10
     assert res['floor'] < res['fid'] and res['features'] == 'inception-v3-tf'
+
+
+# ---------------------------------------------------------------- the shipped ruler feature network (issue 24)
+@pytest.mark.numerics
+def test_the_shipped_feature_network_is_the_registered_one_and_gives_pinned_features():
+    from sadm_lab.metrics import SHIPPED_FEATURE_NETS, shipped_feature_net_path, _load_feature_net, _weights_sha256
+    path = shipped_feature_net_path('fashion-mnist', (1, 16, 16))
+    assert path.name in SHIPPED_FEATURE_NETS and path.is_file()
+    net, info = _load_feature_net(path, None)
+    assert _weights_sha256(net.state_dict()) == SHIPPED_FEATURE_NETS[path.name] == info['weights_sha256']
+    assert info['heldout_accuracy'] > 0.9 and info['data']['class_counts'] == [6000] * 10
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1     # the same bits on every CPU
+    f = net.features(x).double()
+    # pinned on an AVX-512 CPU; float32 convolutions differ by ~1e-6 relative between CPU kinds
+    assert abs(f.sum().item() - 479.1663119830191) < 1e-4 * f.norm().item() * 32
+    assert torch.allclose(f[0, :6], torch.tensor([3.1866464614868164, 5.013700485229492, -2.0408310890197754,
+                                                  -1.3895597457885742, -1.654404640197754, 0.7381091713905334],
+                                                 dtype=torch.float64), rtol=1e-4, atol=1e-4)
+
+
+def test_classifier_features_use_the_shipped_network_for_its_data_and_train_for_other_data(tmp_path, monkeypatch):
+    import sadm_lab.metrics as M
+    net, info = M._load_feature_net(M.shipped_feature_net_path('fashion-mnist', (1, 16, 16)), None)
+    images = torch.rand(200, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    labels = torch.arange(200) % 10
+    monkeypatch.setattr(M, 'data_identity', lambda *a: info['data'])          # as if it were Fashion-MNIST 16x16
+    ext = M.classifier_features(images, labels, 10, dataset='fashion-mnist', cache_dir=tmp_path, progress=False)
+    assert ext.meta['weights'] == 'shipped' and not ext.meta['trained']
+    assert ext.version == 'shipped-' + info['weights_sha256'][:8] and not list(tmp_path.iterdir())
+    monkeypatch.undo()                                                         # other data: trained here, cached
+    other = M.classifier_features(images, labels, 10, dataset='fashion-mnist', cache_dir=tmp_path, progress=False,
+                                  epochs=1)
+    assert other.meta['weights'] == 'trained' and not other.version.startswith('shipped')
+    monkeypatch.setattr(M, 'data_identity', lambda *a: info['data'])
+    monkeypatch.setitem(M.SHIPPED_FEATURE_NETS, 'fashion-mnist-1x16x16-cnn-v1.safetensors', '0' * 64)
+    with pytest.raises(SadmError, match='not the one this sadm_lab version ships'):
+        M.classifier_features(images, labels, 10, dataset='fashion-mnist', cache_dir=tmp_path, progress=False)
+
+
+@pytest.mark.skipif(not Path('/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz').is_file(),
+                    reason='needs the Debian package dataset-fashion-mnist')
+def test_the_rulers_evaluator_uses_the_shipped_network():
+    from sadm_lab.config import get_config
+    from sadm_lab.train import build_data, make_evaluator, build_reference_data
+    cfg = get_config('fashion16-dit')
+    ev = make_evaluator(build_data(cfg), n=50, reference=build_reference_data(cfg, split='test'))
+    assert ev.extractor.version.startswith('shipped-') and ev.extractor.meta['weights'] == 'shipped'

@@ -21,6 +21,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from sadm_lab.metrics import SHIPPED_FEATURE_NETS
+
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = sorted(p.name for p in (ROOT / 'nbs' / 'tutorials').glob('*.ipynb'))
 
@@ -103,6 +105,11 @@ def test_wheel_contents_and_metadata(dist):
     # the workshop notebooks as package data, exactly the tutorials (no run folders from running them)
     assert {n for n in names if n.startswith('sadm_lab/tutorials/')} == {f'sadm_lab/tutorials/{t}' for t in TUTORIALS}
     assert len(TUTORIALS) >= 4, TUTORIALS
+    # the shipped FID feature networks, byte for byte
+    nets = {n for n in names if n.startswith('sadm_lab/feature_nets/')}
+    assert nets == {f'sadm_lab/feature_nets/{f}' for f in SHIPPED_FEATURE_NETS}, nets
+    with zipfile.ZipFile(wheel) as z:
+        for n in nets: assert z.read(n) == (ROOT / n).read_bytes(), n
     assert f'{info}/licenses/LICENSE' in names
     # metadata as settings.ini declares it
     assert (meta['Name'], meta['Version']) == ('sadm-lab', VERSION)
@@ -128,7 +135,8 @@ def test_sdist_contents(dist):
     with tarfile.open(sdist) as t:
         names = {m.name for m in t.getmembers() if m.isfile()}
     for f in ['settings.ini', 'setup.py', 'pyproject.toml', 'MANIFEST.in', 'README.md', 'CHANGELOG.md', 'LICENSE',
-              'PKG-INFO', *(f'nbs/tutorials/{t}' for t in TUTORIALS)]:
+              'PKG-INFO', *(f'nbs/tutorials/{t}' for t in TUTORIALS),
+              *(f'sadm_lab/feature_nets/{f}' for f in SHIPPED_FEATURE_NETS)]:
         assert f'{top}/{f}' in names, f"{f} is missing from the sdist"
     assert {n[len(top) + 1:] for n in names if n.endswith('.py') and n.startswith(f'{top}/sadm_lab/')} \
         == _library_files()

@@ -9,7 +9,8 @@ from sadm_lab.core import ConfigError
 from sadm_lab.diffusion import Diffusion, space_timesteps
 from sadm_lab.sample import (Denoiser, DenoiserOutput, sample_ddpm, sample_ddim, sample_dpmpp_2m, generate, SAMPLERS)
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
+pytestmark = [pytest.mark.numerics,   # (CI runs these again with the CPU dispatch at AVX2)
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]  # diffusers + numpy 2
 
 DIFFUSERS_SCHEDULE = dict(linear='linear', cosine='squaredcos_cap_v2')
 DIFFUSERS_PREDICTION = dict(eps='epsilon', v='v_prediction')

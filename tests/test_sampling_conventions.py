@@ -24,6 +24,8 @@ from sadm_lab.diffusion import Diffusion, space_timesteps
 from sadm_lab.models.dit import DiT
 from sadm_lab.sample import CONVENTIONS, Denoiser, generate, sample_ddim
 
+pytestmark = pytest.mark.numerics       # (CI runs these again with the CPU dispatch at AVX2)
+
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
 C, SIZE, K = 4, 4, 3            # 4 latent channels (so DiT's first-3-channels rule is visible), 3 classes
