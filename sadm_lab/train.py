@@ -4,8 +4,7 @@
 
 # %% ../nbs/api/06_train.ipynb #44986bb6
 from __future__ import annotations
-import contextlib, functools, importlib.util, inspect, json, math, os, shutil, signal, socket, sys, threading, time
-import warnings
+import contextlib, functools, importlib.util, inspect, json, math, os, signal, socket, sys, threading, time, warnings
 from copy import deepcopy
 from pathlib import Path
 
@@ -624,17 +623,19 @@ def _claim(self):
     if not self.is_main:
         yield
         return
-    created = not self.run.path.exists()
+    try: self.run.path.mkdir(parents=True); created = True          # atomic: one of two racing starts creates it
+    except FileExistsError: created = False
+    except OSError as e: raise StorageError(write_error(self.run.path / 'lock', e)) from None
+    self._wrote = []                                     # the files this start writes (`_write_run_files`)
     try: lock = RunLock(self.run.path).acquire()
     except BaseException:
         if created:
-            with contextlib.suppress(OSError): self.run.path.rmdir()      # (made by `acquire`, if it got that far)
+            with contextlib.suppress(OSError): self.run.path.rmdir()      # (only if still empty)
         raise
     try: yield
     except BaseException:
-        if created:                                      # all it holds was written by this call, under the lock
-            for p in [p for p in self.run.path.iterdir() if p.name != 'lock']:
-                with contextlib.suppress(OSError): shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for p in self._wrote:                            # only what this start wrote, never another's files
+            with contextlib.suppress(OSError): p.unlink()
         lock.release()
         if created:
             with contextlib.suppress(OSError): self.run.path.rmdir()      # (only if empty)
@@ -715,8 +716,11 @@ def _write_run_files(self):
     self.acc.wait_for_everyone()
     if self.is_main:
         self.run.path.mkdir(parents=True, exist_ok=True)
+        fresh = [p for p in (self.run.schedule_path, self.run.config_path) if not p.exists()]
         atomic_write_json(self.run.schedule_path, self.schedule.to_dict())
+        self._wrote += [p for p in fresh if p.exists()]
         atomic_write_json(self.run.config_path, self.cfg.to_dict())      # last: a folder with a config is a run
+        self._wrote += [p for p in fresh if p.exists() and p not in self._wrote]
     self.acc.wait_for_everyone()
 
 Trainer.claim, Trainer.folder_state = _claim, _folder_state

@@ -774,3 +774,20 @@ def test_data_root_for_a_dataset_that_reads_none_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="data.root='/nonexistent' is given, but 'digits' reads no folder"):
         Trainer(_cfg('train.steps=2', 'data.root=/nonexistent'), tmp_path / 'r', progress=False)
     assert not (tmp_path / 'r').exists()
+
+
+def test_a_start_that_loses_a_race_never_deletes_the_winners_files(tmp_path, monkeypatch):
+    "B creates the folder, A claims and writes it before B's lock, B is refused: A's run stays whole."
+    real, calls = RunLock.acquire, []
+    def acquire(self):
+        calls.append(1)
+        if len(calls) == 1:                                          # B, between its mkdir and its lock: A starts
+            Trainer(_cfg('train.steps=4', 'train.lr=0.002'), tmp_path / 'r', progress=False)
+        return real(self)
+    monkeypatch.setattr(RunLock, 'acquire', acquire)
+    with pytest.raises(SadmError, match='already holds a run|no checkpoint yet'):
+        Trainer(_cfg('train.steps=4'), tmp_path / 'r', progress=False)          # B
+    monkeypatch.undo()
+    assert json.loads((tmp_path / 'r' / 'config.json').read_text())['train']['lr'] == 0.002
+    assert (tmp_path / 'r' / 'schedule.json').is_file()
+    assert Trainer(_cfg('train.steps=4', 'train.lr=0.002'), tmp_path / 'r', resume=True, progress=False).fit().step == 4
