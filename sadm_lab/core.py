@@ -203,7 +203,9 @@ def atomic_write(path, write_fn: Callable[[str], Any]) -> Path:
     except BaseException as e:
         if tmp is not None:
             with contextlib.suppress(OSError): os.remove(tmp)
-        if isinstance(e, OSError) and not isinstance(e, StorageError): raise StorageError(write_error(path, e)) from e
+        other = isinstance(e, OSError) and e.filename is not None and Path(e.filename) not in (Path(tmp or path), path)
+        if isinstance(e, OSError) and not isinstance(e, StorageError) and not other:   # (another file's error: as is)
+            raise StorageError(write_error(path, e)) from e
         raise
     return path
 

@@ -26,11 +26,11 @@ __all__ = ['LUMA_WEIGHTS', 'SPLITS', 'TEST_FRACTION', 'SPLIT_SEED', 'DATASETS', 
            'CELEBA_HQ_SOURCE', 'FFHQ_SOURCE', 'IMAGENET_SOURCE', 'load_celeba', 'load_celeba_hq', 'load_ffhq',
            'CIFAR10_URL', 'CIFAR10_MD5', 'CIFAR10_ARCHIVE', 'CIFAR10_FOLDER', 'CIFAR10_CACHE', 'CIFAR10_BATCHES',
            'EMOJI_ATTRIBUTION', 'ImageData', 'collate_images', 'uint8_to_unit', 'resize_images', 'convert_channels',
-           'split_indices', 'choose_subset', 'register_dataset', 'parse_classes', 'keep_classes', 'load_data',
-           'load_digits_data', 'read_idx', 'write_idx', 'load_fashion_mnist', 'SkippedImagesWarning', 'load_image',
-           'physical_memory', 'check_memory', 'load_image_folder', 'center_crop_arr', 'celeba_crop', 'celeba_crop_140',
-           'ffhq_resize', 'load_imagenet', 'UnsafePickleError', 'safe_unpickle', 'load_cifar10', 'file_digest',
-           'download_file', 'emoji_files', 'load_emoji']
+           'split_indices', 'choose_subset', 'register_dataset', 'parse_classes', 'keep_classes', 'reads_root',
+           'root_ignored', 'load_data', 'load_digits_data', 'read_idx', 'write_idx', 'load_fashion_mnist',
+           'SkippedImagesWarning', 'load_image', 'physical_memory', 'check_memory', 'load_image_folder',
+           'center_crop_arr', 'celeba_crop', 'celeba_crop_140', 'ffhq_resize', 'load_imagenet', 'UnsafePickleError',
+           'safe_unpickle', 'load_cifar10', 'file_digest', 'download_file', 'emoji_files', 'load_emoji']
 
 # %% ../nbs/api/02_data.ipynb #6033acaf
 @dataclass(repr=False, eq=False)
@@ -187,6 +187,18 @@ def keep_classes(data: ImageData, classes: list[int], *, max_images: int | None 
     if len(idx) == 0: raise DataError(f"no {data.split!r} images of {data.name or 'the data'} in classes {classes}")
     return ImageData(data.images[idx], data.labels[idx], data.num_classes, data.name, data.class_names, data.split)
 
+def reads_root(name: str) -> bool:
+    """Whether the loader of dataset `name` reads `root`: sadm_lab's own loaders say so by a `root` argument; a loader
+    registered elsewhere is trusted to (it may take `**kwargs`)."""
+    fn = DATASETS.get(_canonical(name))
+    if fn is None: return True                           # (an unknown name: `load_data` says so)
+    return 'root' in inspect.signature(fn).parameters or getattr(fn, '__module__', '') != __name__
+
+def root_ignored(name: str, root) -> str:
+    "The message for a `data.root` that dataset `name` would ignore."
+    return (f"data.root={str(root)!r} is given, but {_canonical(name)!r} reads no folder (its images ship with a "
+            "package): drop data.root, or use data.name=folder for a folder of your own images")
+
 def load_data(name: str = 'digits', *, root=None, resolution: int | None = None, channels: int | None = None,
               max_images: int | None = None, split: str = 'train', download: bool = False, seed: int = 0,
               classes: str | None = None) -> ImageData:
@@ -198,9 +210,8 @@ def load_data(name: str = 'digits', *, root=None, resolution: int | None = None,
     if split not in SPLITS: raise ConfigError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     _check_positive('resolution', resolution); _check_positive('max_images', max_images)
     if channels not in (None, 1, 3): raise ConfigError(f"channels must be 1 (grey), 3 (RGB) or None, got {channels!r}")
-    if root is not None and 'root' not in inspect.signature(DATASETS[key]).parameters:
-        raise ConfigError(f"data.root={str(root)!r} is given, but {key!r} reads no folder (its images ship with a "
-                          "package): drop data.root, or use data.name=folder for a folder of your own images")
+    if root is not None and not reads_root(key):        # (a new run refuses it: `sadm_lab.train`)
+        warnings.warn(root_ignored(key, root), stacklevel=2)
     data = DATASETS[key](root=root, resolution=resolution, channels=channels,
                          max_images=max_images if classes is None else None, split=split, download=download, seed=seed)
     if classes is not None:

@@ -72,15 +72,16 @@ class PrecisionWarning(UserWarning):
 def native_bf16(device) -> tuple[bool, str]:
     "(whether `device` runs bf16 natively, why): CUDA's own answer; on a CPU, its flags and the probe."
     device = torch.device(device)
-    if device.type == 'cuda':
-        ok = torch.cuda.is_bf16_supported()
-        return ok, f"{torch.cuda.get_device_name(device)} {'supports' if ok else 'does not support'} bf16"
+    if device.type == 'cuda':                           # (not counting emulation: a V100 or T4 emulates bf16)
+        try: ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError: ok = torch.cuda.is_bf16_supported()
+        return ok, f"{torch.cuda.get_device_name(device)} {'supports' if ok else 'does not support'} bf16 natively"
     if device.type != 'cpu': return False, f"bf16 autocast is not used on {device.type}"
     r = matmul_rates('cpu')
-    speed = r['bf16'] / r['fp32']
-    kind = cpu_kind()
-    return speed >= 0.5, (f"{kind} CPU, PyTorch dispatch {torch.backends.cpu.get_cpu_capability()}: a bf16 matmul "
-                          f"runs at {speed:.2g}x the fp32 rate (measured)")
+    speed, kind = r['bf16'] / r['fp32'], cpu_kind()
+    why = (f"{kind} CPU, PyTorch dispatch {torch.backends.cpu.get_cpu_capability()}: a bf16 matmul runs at "
+           f"{speed:.2g}x the fp32 rate (measured)")
+    return kind in ('AMX', 'AVX-512 BF16') and speed >= 0.5, why
 
 _WARNED: set = set()
 

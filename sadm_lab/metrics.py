@@ -421,9 +421,12 @@ def load_shipped_feature_net(dataset: str | None, images, labels, num_classes: i
     if not dataset: return None
     path = shipped_feature_net_path(dataset, images.shape[1:])
     if not path.is_file(): return None
-    net, info = _load_feature_net(path, None)
     want = SHIPPED_FEATURE_NETS.get(path.name)
-    if want is None or info.get('weights_sha256') != want:
+    if want is None:                                     # e.g. a new file of scripts/ship_feature_net.py, not registered
+        warnings.warn(f"{path} is not a registered shipped feature network (SHIPPED_FEATURE_NETS): not used")
+        return None
+    net, info = _load_feature_net(path, None)
+    if info.get('weights_sha256') != want:
         raise CheckpointError(f"the shipped feature network {path} is not the one this sadm_lab version ships (weights "
                               f"sha256 {str(info.get('weights_sha256'))[:12]}..., expected {str(want)[:12]}...): "
                               "reinstall sadm_lab")

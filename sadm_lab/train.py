@@ -16,7 +16,7 @@ from .core import (SadmError, ConfigError, CheckpointError, StorageError, atomic
                            provenance, file_sha256, write_error)
 from .config import (WEIGHTS, TRACKERS, PRECISIONS, RunConfig, load_config, check_resumable, validate,
                              from_dict, config_diff)
-from .data import load_data, ImageData
+from .data import load_data, reads_root, root_ignored, ImageData
 from .hardware import env_report, resolve_precision
 from .diffusion import Diffusion, drop_labels
 from .models import MODELS, build_model, family_of
@@ -227,6 +227,11 @@ class RunDir:
         "Keep `ckpt` out of rotation, with the reason, in `checkpoints/keep.json`."
         atomic_write_json(self.keep_path, {**self.protected_checkpoints(), Path(ckpt).name: why})
 
+    def unprotect(self, ckpt):
+        "Put `ckpt` back into rotation."
+        kept = self.protected_checkpoints()
+        if kept.pop(Path(ckpt).name, None) is not None: atomic_write_json(self.keep_path, kept)
+
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.is_file(): return []
         out = []
@@ -321,15 +326,12 @@ class RunLock:
             with contextlib.suppress(OSError): tmp.unlink(missing_ok=True)
             raise StorageError(write_error(self.path, e)) from None
         try:
-            for _ in range(3):
+            for _ in range(50):
                 try: self._create(tmp)                   # atomic, and fails if a lock exists
                 except FileExistsError:
                     self.check()
                     old = self.owner()
-                    if old is not None:
-                        print(f"sadm_lab: taking over the stale lock {self.path} ({self.describe(old)}: not running)",
-                              file=sys.stderr)
-                        self.path.unlink(missing_ok=True)
+                    if old is not None: self._take_over(old)
                     continue
                 _HELD_TOKENS.add(token)
                 self.held, self.token = True, token
@@ -348,6 +350,23 @@ class RunLock:
             with contextlib.suppress(OSError): self.path.unlink(missing_ok=True)
         _HELD_TOKENS.discard(getattr(self, 'token', None))
         self.held = False
+
+    def _take_over(self, old: dict):
+        """Remove the stale lock `old`, one starter at a time (the guard file is created exclusively), and only if it
+        is still that lock: two starts that both found it stale cannot both take it, nor remove the winner's lock."""
+        guard = self.path.with_name(f'.{self.path.name}.takeover.tmp')
+        try: os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:                          # another starter is taking it over: look again shortly
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - guard.stat().st_mtime > 10: guard.unlink()   # (left by a starter that died)
+            time.sleep(0.05)
+            return
+        try:
+            if self.owner() == old:
+                print(f"sadm_lab: taking over the stale lock {self.path} ({self.describe(old)}: not running)",
+                      file=sys.stderr)
+                self.path.unlink(missing_ok=True)
+        finally: guard.unlink(missing_ok=True)
 
     def _create(self, tmp: Path):
         "Make the lock file from the complete `tmp` atomically; `FileExistsError` if a lock exists."
@@ -583,6 +602,7 @@ class Trainer:
             self.step, self.stop_requested, self.interrupted = 0, False, 0   # (interrupted: the signal's number)
             self.nonfinite_run = self.nonfinite_total = self._nonfinite_window = 0   # skipped steps (see "Faults")
             self._loss_level, self._diverging, self._diverge_warned = None, False, False   # (see "Faults")
+            self._loss_low, self._calm_steps = None, 0
             self._healthy_step = self._diverged_at = self._protected = None
             self.resumed_at: str | None = None                   # the checkpoint file `fit` logs a 'resume' event for
             self.saved_step: int | None = None                   # the step of the last checkpoint written or loaded
@@ -627,6 +647,11 @@ def _claim(self):
     except FileExistsError: created = False
     except OSError as e: raise StorageError(write_error(self.run.path / 'lock', e)) from None
     self._wrote = []                                     # the files this start writes (`_write_run_files`)
+    with _sigterm_raises():                              # (preempted while loading data: the except below runs)
+        yield from _claimed(self, created)
+
+def _claimed(self, created: bool):
+    "The body of `_claim` on the main process (a generator, so that `_claim` can wrap it)."
     try: lock = RunLock(self.run.path).acquire()
     except BaseException:
         if created:
@@ -642,6 +667,18 @@ def _claim(self):
         raise
     self.claimed = self.folder_state()
     lock.release()
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """In the main thread, SIGTERM raises `Interrupted` for the body (as Ctrl-C raises KeyboardInterrupt), so that a
+    preemption while a trainer is being built still releases the folder's lock; the handler before is put back."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is None:
+        yield
+        return
+    def on_sigterm(signum, frame): raise Interrupted(signum, 0)
+    old = signal.signal(signal.SIGTERM, on_sigterm)
+    try: yield
+    finally: signal.signal(signal.SIGTERM, old)
 
 def _folder_state(self) -> tuple:
     "What another writer would change: the bytes of config.json and latest.json (None where missing)."
@@ -693,6 +730,9 @@ def _prepare_run_dir(self, resume) -> Path | None:
                         "or new folder")
     if resume and not self._found:                       # no folder, or an empty one: nothing to restart
         raise SadmError(f"cannot resume: {run.path} holds no run (no config.json)")
+    d = self.cfg.data                                    # a new run: a data.root its dataset ignores is an error
+    if d.root is not None and not reads_root(d.name):
+        raise ConfigError(root_ignored(d.name, d.root))
     if resume:                                           # killed during start-up, before its config was written
         self.notes.append(('no_config', f"{run.path} holds no config yet (stopped during start-up): starting from "
                            "step 0"))
@@ -730,6 +770,7 @@ Trainer._prepare_run_dir, Trainer._resolve_schedule, Trainer._write_run_files = 
 # %% ../nbs/api/06_train.ipynb #01185803
 def _state_dict(self) -> dict:
     return {'format': 'sadm_lab-ckpt-1', 'step': self.step, 'config': self.cfg.to_dict(),
+            'precision': {k: v for k, v in self.precision_note.items() if k != 'why'},
             'schedule': self.schedule.to_dict(),
             'objectives': {n: s for n, o in self.objectives.items() if (s := o.state_dict())},
             'model': self.unwrapped.state_dict(), 'ema': self.ema.state_dict() if self.ema else None,
@@ -802,9 +843,24 @@ def _load_checkpoint(self, path, state: dict | None = None):
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path} is incomplete or from another optimiser setup: {type(e).__name__}: {e}") from e
     self.resumed_at, self.saved_step = Path(path).name, self.step
+    self.keep_precision(ck.get('precision') or {})
+
+def _keep_precision(self, saved: dict):
+    "On resume, `auto` keeps the precision it chose when the run started (another machine might choose otherwise)."
+    for what, attr in (('train', 'precision'), ('sample', 'sample_precision')):
+        key = f'{what}.precision'
+        was = saved.get(what)
+        if getattr(self.cfg, what).precision != 'auto' or was not in ('bf16', 'fp32') or was == getattr(self, attr):
+            continue
+        resolve_precision(was, self.device, what=key)     # (warns if this machine emulates bf16)
+        self.notes.append(('precision', f"{key}=auto chose {was} when this run started, and the run keeps it (this "
+                                         f"machine alone would choose {getattr(self, attr)})"))
+        setattr(self, attr, was)
+        self.precision_note[what] = was
 
 Trainer.state_dict, Trainer.save_checkpoint, Trainer.load_checkpoint = _state_dict, _save_checkpoint, _load_checkpoint
 Trainer.weights_finite, Trainer.last_checkpoint_note = _weights_finite, _last_checkpoint_note
+Trainer.keep_precision = _keep_precision
 
 # %% ../nbs/api/06_train.ipynb #5d7ae88c
 def _micro_batch(self, step: int, micro: int, stage: Stage) -> MicroBatch:
@@ -819,7 +875,9 @@ def _micro_batch(self, step: int, micro: int, stage: Stage) -> MicroBatch:
     return MicroBatch(x0, y, gen, step, stage, micro)
 
 def _enter_stage(self, stage: Stage):
-    "What happens as `stage` begins: fresh optimiser moments and/or EMA if it says so; a 'stage' event."
+    """What happens as `stage` begins: fresh optimiser moments and/or EMA if it says so; a 'stage' event; the loss's
+    reference for "divergence" starts again (another objective may have another loss level)."""
+    self._loss_level = self._loss_low = None
     if stage.reset_optimizer: getattr(self.opt, 'optimizer', self.opt).state.clear()   # AdamW re-creates it lazily
     if stage.reset_ema and self.ema is not None:
         with torch.no_grad():
@@ -973,14 +1031,15 @@ def _log_event(self, event: str, **info):
         self.run.append_metrics({'kind': 'event', 'step': self.step, 'event': event, 'time': time.time(), **info})
 
 def _check_divergence(self, loss: float):
-    """After each step, its denoising `loss` against the running level (see "Faults"): above 10x the level, a
+    """After each step, its denoising `loss` against its reference (see "Faults"): the lowest running level of the
+    stage, the level an EMA that follows a falling loss and rises at most 5% a step. Above 10x the reference, a
     `divergence` event (when a streak of such steps begins), a `DivergenceWarning` (once per `fit`) and, the first
-    time, the newest checkpoint of a step whose loss was healthy is kept out of rotation. The level is an EMA that
-    follows a falling loss but rises at most 5% a step, so a loss that climbs over many steps is still caught."""
+    time, the newest checkpoint of a step whose loss was healthy is kept out of rotation. Since the reference never
+    rises within a stage, a loss that climbs at any rate is caught once it is 10x the lowest level it had."""
     step = self.step - 1                                 # (the step whose loss this is: weights after `step` steps)
     if not math.isfinite(loss): return
-    level = self._loss_level
-    high = level is not None and loss > 10 * level
+    level, low = self._loss_level, self._loss_low
+    high = low is not None and loss > 10 * low
     if high and not self._diverging:
         self.log_event('divergence', loss=loss, running_loss=level, diverged_step=step)
         self.protect_before_divergence(step)
@@ -992,6 +1051,15 @@ def _check_divergence(self, loss: float):
     self._diverging = high
     if level is None or loss <= 2 * level: self._healthy_step = step
     self._loss_level = loss if level is None else 0.95 * level + 0.05 * min(loss, 2 * level)   # (+5% a step at most)
+    self._loss_low = self._loss_level if low is None else min(low, self._loss_level)
+    self._calm_steps = 0 if high else self._calm_steps + 1
+    if self._diverged_at is not None and self._calm_steps >= 200: self.recovered_from_divergence()
+
+def _recovered_from_divergence(self):
+    "200 calm steps after a divergence: the run recovered, so the checkpoint kept from before it goes back to rotation."
+    if self.is_main and self._protected is not None: self.run.unprotect(self._protected)
+    self.log_event('recovered', diverged_step=self._diverged_at)
+    self._diverged_at = self._protected = None
 
 def _protect_before_divergence(self, step: int):
     "Keep the newest checkpoint of a step whose loss was healthy (at most `_healthy_step`) out of rotation."
@@ -1009,6 +1077,7 @@ def _ckpt_step(path) -> int:
 
 Trainer.log_keys, Trainer.log_line, Trainer.log_event = _log_keys, _log_line, _log_event
 Trainer.check_divergence, Trainer.protect_before_divergence = _check_divergence, _protect_before_divergence
+Trainer.recovered_from_divergence = _recovered_from_divergence
 
 # %% ../nbs/api/06_train.ipynb #5b3cfdb8
 def _sample_images(self, n: int, *, seed: int = 1234, progress: bool = False, ema: bool = True) -> torch.Tensor:
@@ -1196,7 +1265,7 @@ def _log_start(self):
     "A 'resume' event (records after the checkpoint are dropped: they are re-logged) or, at step 0, a 'start' event."
     if self.resumed_at is not None:
         if self.is_main: self.run.truncate_metrics(self.step)
-        self.log_event('resume', checkpoint=self.resumed_at)
+        self.log_event('resume', checkpoint=self.resumed_at, precision=self.precision_note)
         self.resumed_at = None
     elif self.step == 0:
         if self.is_main: self.run.truncate_metrics(0)       # a config-only folder (crashed before its first checkpoint)
@@ -1252,9 +1321,11 @@ def _stop_on_signals(self):
                           and self.exit_on_second_signal else h)
 
 def _exit_now(self, signum: int):
-    "Leave the process at once (a second signal in the CLI): the lock and temp files removed, exit 128 + `signum`."
-    if getattr(self, '_lock', None) is not None: self._lock.release()
-    with contextlib.suppress(Exception): self.clean_temp_files(quiet=True)
+    """Leave the process at once (a second signal in the CLI), exit 128 + `signum`: while this process holds the
+    folder's lock, its temp files are removed first, then the lock."""
+    if getattr(self, '_lock', None) is not None:
+        with contextlib.suppress(Exception): self.clean_temp_files(quiet=True)
+        self._lock.release()
     print(f"sadm-lab: {signal.Signals(signum).name} again: stopped at once", file=sys.stderr, flush=True)
     os._exit(128 + signum)
 
@@ -1270,23 +1341,26 @@ def _clean_temp_files(self, quiet: bool = False):
 def _fit(self) -> 'Trainer':
     """Train until `cfg.train.steps` (or `request_stop()`), with checkpoints, samples, evaluation and logs; the main
     process holds the run folder's lock throughout (see "Faults")."""
-    lock, self.interrupted = RunLock(self.run.path) if self.is_main else None, 0
-    if lock is not None:
-        lock.acquire()
-        if self.folder_state() != self.claimed:
-            lock.release()
+    self.interrupted, self._diverge_warned, self._completed = 0, False, False
+    lock = RunLock(self.run.path) if self.is_main else None
+    try:
+        changed = False
+        if lock is not None:
+            self._lock = lock.acquire()
+            changed = self.folder_state() != self.claimed
+        if self.acc.num_processes > 1:                  # every process stops together, none waits in a collective
+            changed = bool(self.acc.reduce(torch.tensor(float(changed), device=self.device), reduction='sum') > 0)
+        if changed:
             raise RunLockedError(f"{self.run.path} was changed by another process since this Trainer was built (its "
                                  "config.json or latest checkpoint differ): build a new Trainer (resume=True) to "
                                  "continue from what is there now")
-        self._lock = lock
-        self.clean_temp_files()
-    try:
+        if lock is not None: self.clean_temp_files()
         with self.stop_on_signals(): self.fit_loop()
     finally:
         if lock is not None:
             lock.release()
             self._lock = None
-    if self.interrupted: raise Interrupted(self.interrupted, self.step)
+    if self.interrupted and not self._completed: raise Interrupted(self.interrupted, self.step)
     return self
 
 def _fit_loop(self):
@@ -1323,6 +1397,7 @@ def _fit_loop(self):
             self.save_samples()
             if self.cfg.eval.enabled: self.evaluate()
             self.log_event('end')
+            self._completed = True                          # (a signal now comes too late to stop anything)
         elif self.stop_requested:                            # (asked before the first step: still a checkpoint)
             if self.saved_step != self.step: self.save_checkpoint()
             if self.interrupted: self.log_event('interrupted', signal=signal.Signals(self.interrupted).name)

@@ -791,3 +791,78 @@ def test_a_start_that_loses_a_race_never_deletes_the_winners_files(tmp_path, mon
     assert json.loads((tmp_path / 'r' / 'config.json').read_text())['train']['lr'] == 0.002
     assert (tmp_path / 'r' / 'schedule.json').is_file()
     assert Trainer(_cfg('train.steps=4', 'train.lr=0.002'), tmp_path / 'r', resume=True, progress=False).fit().step == 4
+
+
+
+# ------------------------------------------------------------------------------------------ found in review, mended
+def test_a_loss_that_climbs_slowly_is_caught_and_a_recovered_run_releases_the_kept_checkpoint(tmp_path):
+    tr = Trainer(_cfg('train.steps=4'), tmp_path / 'r', progress=False)
+    with pytest.warns(DivergenceWarning):
+        for k in range(400): tr.step += 1; tr.check_divergence(1.02 ** k)     # +2% a step: x10 after ~120 steps
+    assert _events(tmp_path / 'r', 'divergence')
+    tr2 = Trainer(_cfg('train.steps=8'), tmp_path / 'r2', progress=False).fit()    # checkpoints at 4 and 8
+    with pytest.warns(DivergenceWarning):
+        for loss in [1.0] * 5 + [50.0]: tr2.step += 1; tr2.check_divergence(loss)  # one spike, then calm
+    assert tr2._protected is not None and tr2.run.protected_checkpoints()
+    for _ in range(200): tr2.step += 1; tr2.check_divergence(1.0)
+    assert tr2._protected is None and not tr2.run.protected_checkpoints() and _events(tmp_path / 'r2', 'recovered')
+    assert 'before the loss diverged' not in tr2.last_checkpoint_note()
+
+
+def test_fit_releases_the_lock_when_it_fails_right_after_taking_it(tmp_path, monkeypatch):
+    tr = Trainer(_cfg('train.steps=2'), tmp_path / 'r', progress=False)
+    def boom(*a, **k): raise OSError(errno.EACCES, 'Permission denied', 'x.tmp')
+    monkeypatch.setattr(Trainer, 'clean_temp_files', boom)
+    with pytest.raises(OSError): tr.fit()
+    assert not RunDir(tmp_path / 'r').lock_path.exists()
+    monkeypatch.undo()
+    assert tr.fit().step == 2
+
+
+def test_sigterm_while_a_trainer_is_built_releases_the_folder(tmp_path, monkeypatch):
+    import sadm_lab.train as T
+    real = T.build_data
+    def preempted(cfg, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)                             # e.g. while a big dataset loads
+        time.sleep(1)
+        return real(cfg, *a, **k)
+    monkeypatch.setattr(T, 'build_data', preempted)
+    with pytest.raises(KeyboardInterrupt) as e: Trainer(_cfg('train.steps=2'), tmp_path / 'r', progress=False)
+    assert getattr(e.value, 'signum', None) == signal.SIGTERM and not (tmp_path / 'r').exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_two_starts_that_found_one_stale_lock_cannot_both_take_it(tmp_path):
+    dead = subprocess.Popen([sys.executable, '-c', 'pass']); dead.wait()
+    lock = RunDir(tmp_path).lock_path
+    lock.write_text(json.dumps({'pid': dead.pid, 'host': socket.gethostname(), 'since': 'earlier'}))
+    a, b = RunLock(tmp_path), RunLock(tmp_path)
+    stale = b.owner()                                                    # b read the stale lock ...
+    a.acquire()                                                          # ... a took it over first
+    b._take_over(stale)                                                  # b must not remove a's lock
+    assert a.owner()['token'] == a.token
+    with pytest.raises(RunLockedError): b.acquire()
+    a.release()
+
+
+def test_a_stray_file_among_the_shipped_feature_networks_is_ignored_with_a_warning(tmp_path, monkeypatch):
+    import sadm_lab.metrics as M
+    import shutil
+    stray = tmp_path / 'fashion-mnist-1x28x28-cnn-v1.safetensors'
+    shutil.copy(M.shipped_feature_net_path('fashion-mnist', (1, 16, 16)), stray)
+    monkeypatch.setattr(M, 'shipped_feature_net_path', lambda *a: stray)
+    with pytest.warns(UserWarning, match='not a registered shipped feature network'):
+        assert M.load_shipped_feature_net('fashion-mnist', torch.zeros(4, 1, 28, 28), torch.zeros(4).long(), 10,
+                                          {}) is None
+
+
+def test_a_saved_run_with_an_ignored_data_root_still_loads_with_a_warning(tmp_path, monkeypatch):
+    import sadm_lab.train as T
+    monkeypatch.setattr(T, 'reads_root', lambda name: True)              # a run made before the check existed
+    Trainer(_cfg('train.steps=2', 'data.root=/nonexistent'), tmp_path / 'r', progress=False).fit()
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="reads no folder"):
+        model, *_ = load_run(tmp_path / 'r')
+    with pytest.warns(UserWarning, match="reads no folder"):
+        assert Trainer(_cfg('train.steps=4', 'data.root=/nonexistent'), tmp_path / 'r', resume=True,
+                       progress=False).fit().step == 4
