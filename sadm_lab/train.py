@@ -1260,31 +1260,7 @@ def _end_tracking(self):
 Trainer.start_tracking, Trainer.tracker_call, Trainer.end_tracking = _start_tracking, _tracker_call, _end_tracking
 Trainer.track, Trainer.track_images = _track, _track_images
 
-# %% ../nbs/api/06_train.ipynb #065b9f04
-def _log_start(self):
-    "A 'resume' event (records after the checkpoint are dropped: they are re-logged) or, at step 0, a 'start' event."
-    if self.resumed_at is not None:
-        if self.is_main: self.run.truncate_metrics(self.step)
-        self.log_event('resume', checkpoint=self.resumed_at, precision=self.precision_note)
-        self.resumed_at = None
-    elif self.step == 0:
-        if self.is_main: self.run.truncate_metrics(0)       # a config-only folder (crashed before its first checkpoint)
-        self.log_event('start', processes=self.acc.num_processes, device=str(self.device), provenance=provenance(),
-                       precision=self.precision_note, hardware=env_report(self.device, measure=False))
-    for event, msg in self.notes: self.log_event(event, message=msg)
-    self.notes = []
-
-def _agree_to_stop(self) -> bool:
-    """Whether any process was asked to stop: callbacks run on the main process only and `request_stop` may come from
-    any thread, so every rank calls this at the same points of `fit` and all stop together (no rank waits alone in a
-    collective)."""
-    if self.acc.num_processes > 1:
-        flag = torch.tensor(float(self.stop_requested), device=self.device)
-        self.stop_requested = bool(self.acc.reduce(flag, reduction='sum') > 0)
-    return self.stop_requested
-
-def _due(self, every: int) -> bool: return every > 0 and self.step % every == 0
-
+# %% ../nbs/api/06_train.ipynb #e459554f
 STOP_SIGNALS = ('SIGINT', 'SIGTERM')     # Ctrl-C; what SLURM, Kubernetes and preemptible clouds send before a kill
 
 class Interrupted(KeyboardInterrupt):
@@ -1328,6 +1304,33 @@ def _exit_now(self, signum: int):
         self._lock.release()
     print(f"sadm-lab: {signal.Signals(signum).name} again: stopped at once", file=sys.stderr, flush=True)
     os._exit(128 + signum)
+
+Trainer.stop_on_signals, Trainer.exit_now = _stop_on_signals, _exit_now
+
+# %% ../nbs/api/06_train.ipynb #065b9f04
+def _log_start(self):
+    "A 'resume' event (records after the checkpoint are dropped: they are re-logged) or, at step 0, a 'start' event."
+    if self.resumed_at is not None:
+        if self.is_main: self.run.truncate_metrics(self.step)
+        self.log_event('resume', checkpoint=self.resumed_at, precision=self.precision_note)
+        self.resumed_at = None
+    elif self.step == 0:
+        if self.is_main: self.run.truncate_metrics(0)       # a config-only folder (crashed before its first checkpoint)
+        self.log_event('start', processes=self.acc.num_processes, device=str(self.device), provenance=provenance(),
+                       precision=self.precision_note, hardware=env_report(self.device, measure=False))
+    for event, msg in self.notes: self.log_event(event, message=msg)
+    self.notes = []
+
+def _agree_to_stop(self) -> bool:
+    """Whether any process was asked to stop: callbacks run on the main process only and `request_stop` may come from
+    any thread, so every rank calls this at the same points of `fit` and all stop together (no rank waits alone in a
+    collective)."""
+    if self.acc.num_processes > 1:
+        flag = torch.tensor(float(self.stop_requested), device=self.device)
+        self.stop_requested = bool(self.acc.reduce(flag, reduction='sum') > 0)
+    return self.stop_requested
+
+def _due(self, every: int) -> bool: return every > 0 and self.step % every == 0
 
 def _clean_temp_files(self, quiet: bool = False):
     "Remove the temp files (`.<name>.*.tmp`) of atomic writes that a crash interrupted (main process, lock held)."
@@ -1409,7 +1412,6 @@ def _fit_loop(self):
     for cb in main_cbs: cb.on_train_end(self)
 
 Trainer.log_start, Trainer.agree_to_stop, Trainer.due, Trainer.fit = _log_start, _agree_to_stop, _due, _fit
-Trainer.stop_on_signals, Trainer.exit_now = _stop_on_signals, _exit_now
 Trainer.clean_temp_files, Trainer.fit_loop = _clean_temp_files, _fit_loop
 
 # %% ../nbs/api/06_train.ipynb #c2e823b1
