@@ -422,7 +422,7 @@ def load_shipped_feature_net(dataset: str | None, images, labels, num_classes: i
     path = shipped_feature_net_path(dataset, images.shape[1:])
     if not path.is_file(): return None
     want = SHIPPED_FEATURE_NETS.get(path.name)
-    if want is None:                                     # e.g. a new file of scripts/ship_feature_net.py, not registered
+    if want is None:                                     # e.g. a new scripts/ship_feature_net.py file, not registered
         warnings.warn(f"{path} is not a registered shipped feature network (SHIPPED_FEATURE_NETS): not used")
         return None
     net, info = _load_feature_net(path, None)
