@@ -54,7 +54,7 @@ def run_all(a) -> list[dict]:
         while todo and len(procs) < a.jobs:
             s = todo.pop(0)
             log = open(Path(a.out) / f'scratch-s{s}.log', 'a')
-            procs.append((s, subprocess.Popen([*base, '--seeds', str(s), *a.overrides], env=env, stdout=log,
+            procs.append((s, subprocess.Popen([*base, *a.overrides, '--seeds', str(s)], env=env, stdout=log,
                                               stderr=subprocess.STDOUT), log))
         s, p, log = procs.pop(0)
         if p.wait() != 0: sys.exit(f'the run of seed {s} failed: see {log.name}')

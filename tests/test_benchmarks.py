@@ -283,3 +283,13 @@ def test_fid_at_time_interpolates_log_fid_inside_the_curve_only():
     assert eqc.fid_at_time(curve, 30.0) == pytest.approx(20.0)        # sqrt(25 * 16)
     assert eqc.fid_at_time(curve, 20.0) == pytest.approx(25.0) and eqc.fid_at_time(curve, 40.0) == pytest.approx(16.0)
     assert eqc.fid_at_time(curve, 9.9) is None and eqc.fid_at_time(curve, 40.1) is None
+
+
+def test_ruler_passes_its_overrides_to_parallel_workers(tmp_path):
+    "With --jobs 2 each seed runs in a worker process: the key=value overrides must reach it (they once became seeds)."
+    ruler = _load('ruler')
+    ruler.main(['--preset', 'smoke', '--steps', '4', '--eval-every', '2', '--seeds', '0', '1', '--jobs', '2',
+                '--out', str(tmp_path / 'r'), 'model.depth=1', 'eval.num_samples=40', 'train.precision=fp32'])
+    for s in (0, 1):
+        cfg = json.loads((tmp_path / 'r' / f'scratch-s{s}' / 'config.json').read_text())
+        assert cfg['model']['depth'] == 1 and cfg['train']['precision'] == 'fp32'
