@@ -153,3 +153,28 @@ def test_notebooks_stay_literate():
             if len(lines) > 150: big_cells.append(f"{nb.relative_to(ROOT)} cell {i}: {len(lines)} lines")
     assert not long_lines, '\n'.join(long_lines[:20])
     assert not big_cells, '\n'.join(big_cells)
+
+
+def test_every_description_is_one_whole_sentence_and_every_module_docstring_is_whole():
+    "nbdev takes only the first `>` line of a notebook's title cell, for the page's subtitle and the module docstring."
+    cut = []
+    for nb in sorted(NBS.rglob('*.ipynb')):
+        if '.ipynb_checkpoints' in nb.parts: continue
+        first = ''.join(json.loads(nb.read_text())['cells'][0]['source']).split('\n')
+        quoted = [l for l in first if l.startswith('>')]
+        if len(quoted) != 1 or not quoted[0].rstrip().endswith(('.', '?', ')')):
+            cut.append(f"{nb.relative_to(ROOT)}: {len(quoted)} '>' lines, ending {quoted[-1][-30:] if quoted else ''!r}")
+    for py in sorted((ROOT / 'sadm_lab').rglob('*.py')):
+        head = py.read_text().split('\n', 1)[0]
+        if head.startswith('"""') and not head.rstrip().endswith(('."""', '?"""', ')"""')):
+            cut.append(f"{py.relative_to(ROOT)}: docstring {head[-40:]!r}")
+    assert not cut, '\n'.join(cut)
+
+
+def test_the_docs_site_links_the_repository_and_its_footer_names_the_version():
+    import configparser
+    cfg = configparser.ConfigParser(); cfg.read(ROOT / 'settings.ini')
+    site = (ROOT / '_quarto.yml').read_text()
+    assert cfg['DEFAULT']['git_url'] in site.split('page-footer')[0]                       # the navbar's link
+    footer = site.split('page-footer', 1)[1]
+    assert f"sadm_lab {cfg['DEFAULT']['version']} " in footer, "bump the footer's version with settings.ini's"
