@@ -823,6 +823,8 @@ def test_sigterm_while_a_trainer_is_built_releases_the_folder(tmp_path, monkeypa
     import sadm_lab.train as T
     real = T.build_data
     def preempted(cfg, *a, **k):
+        handler = signal.getsignal(signal.SIGTERM)                       # (never kill the test process itself)
+        assert callable(handler) and handler not in (signal.SIG_DFL, signal.SIG_IGN), handler
         os.kill(os.getpid(), signal.SIGTERM)                             # e.g. while a big dataset loads
         time.sleep(1)
         return real(cfg, *a, **k)
